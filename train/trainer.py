@@ -1,0 +1,455 @@
+"""The training loop: epsilon (or v) objective, AdamW with warm-up and cosine decay,
+gradient clipping, EMA, classifier-free-guidance dropout, atomic safetensors
+checkpoints, exact resume, and DistributedDataParallel under torchrun.
+
+Reproducibility: every random draw of step s (timesteps, noise, guidance dropout,
+flips) comes from a generator seeded by (seed, s, rank), and the data order of
+an epoch from DistributedSampler(seed).set_epoch(epoch). So a run that is killed
+and resumed from its last checkpoint replays exactly what an uninterrupted run
+would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from torchvision.transforms import v2
+
+from mdx.runtime.schedules import SCHEDULES, Schedule, ScheduleError
+from mdx.train import checkpoint as ckpt
+from mdx.train.data import DataError, ImageData, load_data
+from mdx.train.model import ContextUnet, ModelConfig, count_parameters
+from mdx.train.reference import sample_reference
+
+
+class TrainError(ValueError):
+    """A bad training option or run folder; the message names the problem."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; stored in config.json and the exported model."""
+
+    data: str = "emoji16"
+    labels: str | None = None
+    image_size: int = 16
+    schedule: str = "linear"
+    timesteps: int = 500
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    cond_drop: float = 0.1
+    ema_decay: float = 0.999
+    n_feat: int = 64
+    hflip: bool = True
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    out: str = "runs/emoji16"
+    checkpoint_every: int = 500
+    sample_every: int = 5
+    telemetry: bool = False
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Raise TrainError for an option no run could use."""
+        def positive(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule != "cosine" and not (0 < self.beta_start < self.beta_end < 1):
+            raise TrainError(f"need 0 < --beta-start < --beta-end < 1, got {self.beta_start} and {self.beta_end}")
+        for name in ("epochs", "batch_size", "lr", "timesteps", "n_feat", "image_size", "checkpoint_every"):
+            positive(name)
+        positive("max_steps", allow_none=True)
+        positive("threads", allow_none=True)
+        if self.timesteps < 2:
+            raise TrainError(f"--timesteps must be at least 2, got {self.timesteps}")
+        if self.image_size % 4:
+            raise TrainError(f"--image-size must be a multiple of 4, got {self.image_size}")
+        if self.n_feat % 8:
+            raise TrainError(f"--n-feat must be a multiple of 8 (GroupNorm(8, F)), got {self.n_feat}")
+        if not 0 <= self.cond_drop < 1:
+            raise TrainError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.sample_every < 0:
+            raise TrainError(f"--sample-every must be >= 0 (0 = never), got {self.sample_every}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise TrainError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise TrainError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainError("--device cuda asked for, but torch sees no CUDA device")
+
+    def make_schedule(self) -> Schedule:
+        try:
+            return Schedule(self.schedule, self.timesteps, self.beta_start, self.beta_end)
+        except ScheduleError as e:
+            raise TrainError(str(e)) from None
+
+
+# --- distributed helpers --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly one-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun job if there is one (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local)
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> str:
+    if cfg.device == "auto":
+        return f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda":
+        return f"cuda:{d.local_rank}"
+    return cfg.device
+
+
+# --- schedules and LR ------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of all random draws of one step (see the module docstring)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + rank)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, in one fused pass; buffers copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+class HorizontalFlip:
+    """Per-sample random horizontal flip of a batch, through torchvision.transforms.v2.
+
+    v2.RandomHorizontalFlip draws one coin for the whole batch tensor; a diffusion
+    batch wants one per image, drawn from the step's generator for reproducibility.
+    """
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        flip = torch.rand(len(x), generator=g) < 0.5  # (B,)
+        flip = flip.to(x.device)
+        return torch.where(flip[:, None, None, None], v2.functional.horizontal_flip(x), x)
+
+
+@dataclass
+class Run:
+    """Everything one training process holds; `train_steps` advances it."""
+
+    cfg: TrainConfig
+    run_config: dict
+    data: ImageData
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1] on the device
+    labels: torch.Tensor  # (N,) int64 on the device
+    model: torch.nn.Module  # possibly DDP-wrapped
+    ema: ContextUnet
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    device: str
+    dist: Dist
+    total_steps: int
+    steps_per_epoch: int
+    sqrt_abar: torch.Tensor
+    sqrt_one_minus_abar: torch.Tensor
+    sampler: DistributedSampler
+    step: int = 0
+    flip: HorizontalFlip | None = None
+    scaler: torch.amp.GradScaler | None = None
+    _order: torch.Tensor | None = field(default=None, repr=False)
+    _order_epoch: int = -1
+
+    @property
+    def module(self) -> ContextUnet:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def _batch_indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._order_epoch:
+            self.sampler.set_epoch(epoch)
+            self._order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+            self._order_epoch = epoch
+        bs = self.cfg.batch_size
+        return self._order[i * bs:(i + 1) * bs]
+
+    def train_step(self) -> float:
+        """One optimisation step; returns the loss."""
+        cfg, s = self.cfg, self.step
+        g = step_generator(cfg.seed, s, self.dist.rank)
+        idx = self._batch_indices(s).to(self.images.device)
+        x0 = self.images[idx]  # (B, C, H, W)
+        labels = self.labels[idx]
+        B = len(x0)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        keep = (torch.rand(B, generator=g) >= cfg.cond_drop).float().to(self.device)  # CFG dropout
+        if self.flip is not None:
+            x0 = self.flip(x0, g)
+        a = self.sqrt_abar[t].view(B, 1, 1, 1)
+        b = self.sqrt_one_minus_abar[t].view(B, 1, 1, 1)
+        x_t = a * x0 + b * noise  # DDPM Eq. 4 (forward process)
+        target = noise if cfg.prediction_type == "epsilon" else a * noise - b * x0
+        context = F.one_hot(labels, len(self.data.class_names)).float() * keep[:, None]  # (B, K)
+
+        lr = lr_at(s, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        amp_dtype = torch.float16 if dev_type == "cuda" else torch.bfloat16
+        with torch.autocast(dev_type, dtype=amp_dtype, enabled=cfg.amp):
+            out = self.model(x_t, t.float(), context)
+        loss = F.mse_loss(out.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        # EMA warm-up (as in many DDPM codes): early on, follow the model more closely.
+        ema_update(self.ema, self.module, min(cfg.ema_decay, (1 + s) / (10 + s)))
+        self.step += 1
+        return float(loss.detach())
+
+    def progress(self, extra: dict | None = None) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, **(extra or {})}
+
+    def save(self, extra: dict | None = None) -> None:
+        if self.dist.main:
+            ckpt.save_checkpoint(Path(self.cfg.out), self.run_config, self.module, self.ema,
+                                 self.optimizer, self.progress(extra))
+
+
+def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Run:
+    """Validate the options, load the data, build model, EMA and optimizer (and resume)."""
+    cfg.validate()
+    schedule = cfg.make_schedule()
+    d = init_distributed(cfg.device)
+    device = resolve_device(cfg, d)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        data = load_data(cfg.data, image_size=cfg.image_size, labels=cfg.labels)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+
+    out = Path(cfg.out)
+    config_file = out / "config.json"
+    if resume:
+        if ckpt.find_checkpoint_dir(out) is None:
+            raise TrainError(f"--resume: no checkpoint to resume in {out}")
+    elif ckpt.find_checkpoint_dir(out) is not None:
+        raise TrainError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+
+    mcfg = ModelConfig(in_channels=data.images.shape[-1], n_feat=cfg.n_feat, n_classes=len(data.class_names),
+                       image_size=cfg.image_size, num_train_timesteps=cfg.timesteps)
+    run_config = ckpt.make_run_config(mcfg, schedule, list(data.class_names), cfg.prediction_type, asdict(cfg))
+    if resume:
+        old = json.loads(config_file.read_text()) if config_file.is_file() else None
+        for key in ("model", "schedule", "class_names", "prediction_type"):
+            if old is not None and old.get(key) != run_config[key]:
+                raise TrainError(f"--resume: the run in {out} has a different {key} "
+                                 f"({old.get(key)!r}, now {run_config[key]!r})")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = ContextUnet(mcfg).to(device)
+    ema = ContextUnet(mcfg).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, C, H, W)
+    labels = torch.from_numpy(data.labels.astype(np.int64))
+    sampler = DistributedSampler(range(len(images)), num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+
+    step = 0
+    if resume:
+        ck_dir = ckpt.find_checkpoint_dir(out)
+        try:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(ck_dir / "model.safetensors"), device=device))
+            ema.load_state_dict(load_file(str(ck_dir / "ema.safetensors"), device=device))
+            prog = json.loads((ck_dir / "progress.json").read_text())
+            ckpt.optimizer_from_tensors(optimizer, load_file(str(ck_dir / "optimizer.safetensors"), device=device),
+                                        prog["optimizer"])
+        except Exception as e:  # a corrupt checkpoint is the user's problem to see, in one line
+            raise TrainError(f"--resume: cannot load the checkpoint in {ck_dir} ({type(e).__name__}: {e})") from None
+        step = int(prog["step"])
+        log(f"resuming {out} at step {step}")
+
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
+    sab = torch.tensor(schedule.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
+    s1m = torch.tensor(schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.startswith("cuda") else None
+    return Run(cfg, run_config, data, images.to(device), labels.to(device), model, ema, optimizer, schedule,
+               device, d, total, steps_per_epoch, sab, s1m, sampler, step=step,
+               flip=HorizontalFlip() if cfg.hflip else None, scaler=scaler)
+
+
+# --- outputs during training -----------------------------------------------------------
+
+
+def save_sample_grid(run: Run, path: Path, steps: int = 25, seed: int = 0) -> Path:
+    """A DDIM grid of the EMA model: one row per class (the torch reference sampler)."""
+    K = len(run.data.class_names)
+    per_class = 8
+    context = np.repeat(np.eye(K, dtype=np.float32), per_class, axis=0)  # (K*8, K)
+    samples = sample_reference(run.ema, run.schedule, sampler="ddim", steps=steps, context=context, seed=seed,
+                               prediction_type=run.cfg.prediction_type, device=run.device)
+    return _save_grid(samples, path, nrow=per_class, scale=4)
+
+
+def _save_grid(samples: np.ndarray, path: Path, nrow: int, scale: int) -> Path:
+    """(N, C, H, W) in [-1, 1] -> one PNG grid, `nrow` images per row, upscaled."""
+    import einops
+    from PIL import Image
+
+    imgs = ((samples.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)  # (N, C, H, W)
+    grid = einops.rearrange(imgs, "(r c) ch h w -> (r h) (c w) ch", c=nrow)
+    img = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) a training run to its end; returns the run folder."""
+    from tqdm import tqdm
+
+    run = build_run(cfg, resume=resume, log=log)
+    out = Path(cfg.out)
+    if run.dist.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_json_atomic(out / "config.json", run.run_config)
+        except OSError as e:
+            raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+        log(f"mdx-train: {count_parameters(run.ema):,} parameters, {len(run.data.images):,} images, "
+            f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {run.device}, world {run.dist.world}")
+
+    telemetry = None
+    if cfg.telemetry and run.dist.main:
+        from mdx.train.telemetry import Telemetry
+
+        telemetry = Telemetry(out / "telemetry.csv", run.device, log=log).start()
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not run.dist.main, unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    metrics = open(out / "metrics.jsonl", "a") if run.dist.main else None
+    loss_avg, t_last, n_last = None, time.perf_counter(), 0
+    try:
+        while run.step < run.total_steps:
+            loss = run.train_step()
+            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            n_last += cfg.batch_size * run.dist.world
+            bar.update(1)
+            if run.step % 20 == 0 or run.step == run.total_steps:
+                now = time.perf_counter()
+                ips = n_last / max(now - t_last, 1e-9)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", epoch=run.epoch)
+                if metrics:
+                    metrics.write(json.dumps({"step": run.step, "epoch": run.epoch, "loss": loss_avg,
+                                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": ips}) + "\n")
+                    metrics.flush()
+                t_last, n_last = now, 0
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            if run.step % cfg.checkpoint_every == 0 or run.step == run.total_steps:
+                run.save({"loss": loss_avg})
+            if (run.dist.main and cfg.sample_every and end_of_epoch and run.epoch % cfg.sample_every == 0
+                    and run.step < run.total_steps):
+                save_sample_grid(run, out / "samples" / f"epoch-{run.epoch:04d}.png")
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        if telemetry is not None:
+            telemetry.stop()
+    if run.dist.main:
+        save_sample_grid(run, out / "samples" / "final.png")
+        if telemetry is not None:
+            from mdx.train.telemetry import plot
+
+            plot(out / "telemetry.csv", out / "telemetry.png")
+        log(f"mdx-train: done, {run.step} steps; checkpoint in {out / ckpt.CKPT_DIR}")
+    if run.dist.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
