@@ -1,0 +1,281 @@
+"""mdx-sample: sample images from an exported model with ONNX Runtime and numpy.
+
+    mdx-sample                                     # the shipped model, one grid of every class
+    mdx-sample --class food --guidance 3 -n 16 --out food.png
+    mdx-sample --sampler ddpm --steps 500 --gif denoise.gif
+    mdx-sample --model foreign.onnx --timesteps 1000 --classes 10 --out samples.npz
+
+Errors a user can cause (bad options, a missing or unusable model, an unwritable output)
+end in one line `mdx-sample: error: ...` and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+import mdx.runtime
+from mdx.runtime.images import (OutputError, check_writable, grid_columns, output_kind, save_folder,
+                                save_gif, save_grid_png, save_npz)
+from mdx.runtime.pipeline import PipelineError, build_context, generate, prepare_sampler
+from mdx.runtime.samplers import SAMPLERS, SamplerError
+from mdx.runtime.schedules import SCHEDULES, ScheduleError
+from mdx.runtime.session import PREDICTION_TYPES, ModelError, OnnxDenoiser
+
+PROG = "mdx-sample"
+DEFAULT_MODEL_NAME = Path("models") / "emoji16.onnx"
+FALLBACK = {"sampler": "ddim", "steps": 25, "guidance": 1.0}  # without the model's mdx.recommended
+MAX_DEFAULT_N = 64
+USER_ERRORS = (ModelError, PipelineError, OutputError, SamplerError, ScheduleError)
+
+
+class UsageError(ValueError):
+    """A bad command-line value."""
+
+
+# --- small parts ----------------------------------------------------------------------
+
+
+def default_model_candidates() -> list[tuple[str, Path]]:
+    """Where the shipped model is looked for, in order: $MDX_MODEL, ./models, the repository's models/."""
+    repo_root = Path(mdx.runtime.__file__).resolve().parents[1]
+    found = []
+    if os.environ.get("MDX_MODEL"):
+        found.append(("$MDX_MODEL", Path(os.environ["MDX_MODEL"])))
+    found.append(("./models", Path.cwd() / DEFAULT_MODEL_NAME))
+    found.append(("the repository", repo_root / DEFAULT_MODEL_NAME))
+    return found
+
+
+def find_model(model: str | None) -> Path:
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise ModelError(f"model file {model} does not exist")
+        return path
+    candidates = default_model_candidates()
+    if os.environ.get("MDX_MODEL") and not candidates[0][1].exists():
+        raise ModelError(f"MDX_MODEL points to {candidates[0][1]}, which does not exist")
+    for _, path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for _, p in candidates)
+    raise ModelError(f"no --model given and no default model found (looked for {looked}); pass --model FILE, "
+                     f"or train and export one: mdx-train, then mdx-export to {DEFAULT_MODEL_NAME} (see the README)")
+
+
+def parse_classes_option(text: str | None):
+    """--classes: a count ("10") or comma-separated names ("cat,dog")."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise UsageError(f"--classes {text}: need at least one class")
+        return count
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise UsageError(f"--classes {text!r}: give comma-separated names without empty entries, or a count")
+    return names
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr); silent when stderr is not a terminal."""
+
+    def __init__(self, label: str, stream=None, enabled: bool | None = None, width: int = 30) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label, self.width = label, width
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        filled = self.width * done // total
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {elapsed:5.1f} s")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def summary_line(n: int, total_seconds: float, model_seconds: float, provider: str) -> str:
+    rate = n / total_seconds if total_seconds > 0 else float("inf")
+    share = model_seconds / total_seconds if total_seconds > 0 else 1.0
+    return (f"{n} images in {total_seconds:.2f} s ({rate:.1f} img/s), "
+            f"{share:.0%} in the model, provider {provider}")
+
+
+def _info(message: str) -> None:
+    click.echo(f"{PROG}: {message}", err=True)
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+class OneLineErrors(click.Command):
+    """Every error a user can cause -> one line on stderr and exit code 2, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except (UsageError, *USER_ERRORS) as e:
+            _fail(str(e))
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int = 2):
+    message = " ".join(message.split())  # one line, whatever the source
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", metavar="FILE", default=None,
+              help="ONNX model (default: $MDX_MODEL, ./models/emoji16.onnx, then the repository's models/emoji16.onnx).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="Sampler (default: the model's recommendation, else ddim).")
+@click.option("--steps", type=int, default=None, help="Sampling steps, 1..T (default: the model's recommendation, else 25).")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale in [0, 1] (ddim only).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale s >= 0; 1 is the conditional model alone (default: the model's "
+                   "recommendation, else 1).")
+@click.option("--class", "classes", multiple=True, metavar="NAME|INDEX",
+              help="Condition on this class; repeat to mix classes (multi-hot). Default: cycle through all classes.")
+@click.option("--unconditional", is_flag=True, help="Sample without a class (all-zero context).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (x_T and the sampler's noise).")
+@click.option("-n", "--num-images", "n", type=int, default=None,
+              help=f"Number of images (default: 2 per class, at most {MAX_DEFAULT_N}).")
+@click.option("--provider", default="auto", show_default=True,
+              help="auto (CUDA when it really works, else CPU) or an onnxruntime provider name.")
+@click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime (default: its choice).")
+@click.option("--cuda-graph", is_flag=True, help="Replay the model as a CUDA graph (CUDA provider, fixed batch).")
+@click.option("--out", default="samples.png", show_default=True, metavar="PATH",
+              help="A .png grid, an .npz (images, labels, samples) or a folder (one PNG per image).")
+@click.option("--gif", default=None, metavar="PATH", help="Also write a .gif of the predicted x_0 at each step.")
+@click.option("--scale", type=int, default=4, show_default=True, help="Nearest-neighbour upscaling of PNG/GIF images.")
+@click.option("--telemetry", default=None, metavar="FILE.csv",
+              help="Record GPU utilisation, memory and power (NVML) while sampling.")
+@click.option("--timesteps", type=int, default=None, help="Foreign models: training timesteps T.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Foreign models: beta schedule [linear].")
+@click.option("--beta-start", type=float, default=None, help="Foreign models: first beta [1e-4].")
+@click.option("--beta-end", type=float, default=None, help="Foreign models: last beta [0.02].")
+@click.option("--classes", "class_list", default=None, metavar="NAMES|COUNT",
+              help="Foreign models: comma-separated class names, or their number.")
+@click.option("--image-size", type=int, default=None, help="Foreign models: image height = width.")
+@click.option("--channels", type=int, default=None, help="Foreign models: image channels.")
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
+              help="Foreign models: what the network predicts [epsilon].")
+def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, provider, threads, cuda_graph,
+         out, gif, scale, telemetry, timesteps, schedule, beta_start, beta_end, class_list, image_size, channels,
+         prediction_type):
+    """Sample images from an mdx ONNX model with ONNX Runtime (no torch)."""
+    # 1. Everything that can be checked without the model, before loading it.
+    if n is not None and n < 1:
+        raise UsageError(f"-n {n}: the number of images must be at least 1")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps {steps}: need at least 1 step")
+    if guidance is not None and not guidance >= 0:
+        raise UsageError(f"--guidance {guidance}: the guidance scale must be >= 0")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: the seed must be >= 0")
+    if scale < 1:
+        raise UsageError(f"--scale {scale}: the scale must be at least 1")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: need at least 1 thread")
+    if classes and unconditional:
+        raise UsageError("--class and --unconditional exclude each other")
+    kind = output_kind(out)
+    check_writable(out, kind)
+    if gif is not None:
+        if Path(gif).suffix.lower() != ".gif":
+            raise UsageError(f"--gif {gif}: the animation file must end in .gif")
+        check_writable(gif, "gif")
+    if telemetry is not None:
+        check_writable(telemetry, "csv")
+
+    # 2. The model, its metadata and the provider.
+    overrides = {"timesteps": timesteps, "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
+                 "classes": parse_classes_option(class_list), "image_size": image_size, "channels": channels,
+                 "prediction_type": prediction_type}
+    path = find_model(model)
+    load_start = time.perf_counter()
+    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads, cuda_graph=cuda_graph,
+                                 overrides={k: v for k, v in overrides.items() if v is not None})
+    load_seconds = time.perf_counter() - load_start
+    info = denoiser.info
+
+    # 3. Sampler settings: the command line, else the model's recommendation, else the fallback.
+    recommended = {**FALLBACK, **{k: v for k, v in (info.recommended or {}).items() if k in FALLBACK}}
+    sampler = sampler or recommended["sampler"]
+    guidance = guidance if guidance is not None else float(recommended["guidance"])
+    T = info.schedule.num_train_timesteps
+    if steps is None:
+        steps = min(int(recommended["steps"]), T - 1 if sampler == "dpmpp" else T)
+    if steps > T:
+        raise UsageError(f"--steps {steps} is more than the model's {T} training timesteps")
+    K = info.num_classes
+    if n is None:
+        n = min(2 * K, MAX_DEFAULT_N)
+    context, labels = build_context(info.class_names, list(classes), unconditional, n)
+    prepare_sampler(info, sampler, steps, eta)  # a bad sampler option fails here, before any output
+
+    what = ("unconditional" if unconditional else
+            f"class {'+'.join(classes)}" if classes else f"all {K} classes")
+    _info(f"{path.name}: {n} images, {what}, {sampler} {steps} steps, guidance {guidance:g}, seed {seed}, "
+          f"on {denoiser.provider} (loaded in {load_seconds:.2f} s)"
+          + "".join(f"; {note}" for note in denoiser.notes))
+
+    # 4. Sample, with telemetry around it when asked.
+    recorder = None
+    if telemetry is not None:
+        from mdx.runtime.telemetry import start_telemetry
+
+        recorder, why_not = start_telemetry(telemetry)
+        if recorder is None:
+            _info(f"{why_not}; {telemetry} not written")
+    try:
+        result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
+                          eta=eta, seed=seed, record_x0=gif is not None, progress=Progress("sampling"))
+    finally:
+        if recorder is not None:
+            recorder.stop()
+    if recorder is not None:
+        _info(f"telemetry: {recorder.summary()}; wrote {telemetry}")
+
+    # 5. Write the outputs (each atomically).
+    columns = grid_columns(n, K)
+    unlabelled = "uncond" if unconditional else "mix"
+    if kind == "png":
+        save_grid_png(result.samples, out, columns, scale)
+        _info(f"wrote {out} ({n} images, {columns} per row, scale {scale})")
+    elif kind == "npz":
+        save_npz(result.samples, labels, out)
+        _info(f"wrote {out} (images, labels, samples for {n} images)")
+    else:
+        save_folder(result.samples, labels, info.class_names, out, unlabelled=unlabelled)
+        _info(f"wrote {n} PNGs to {out}")
+    if gif is not None:
+        save_gif(result.x0_frames, result.samples, gif, columns, scale)
+        _info(f"wrote {gif} ({len(result.x0_frames)} steps)")
+    click.echo(summary_line(n, result.total_seconds, result.model_seconds, denoiser.provider))
+
+
+if __name__ == "__main__":
+    main()
