@@ -1,0 +1,82 @@
+"""`mdx-export`: a training checkpoint -> one validated, self-describing ONNX file.
+
+Exit codes: 0 written; 2 bad input (checkpoint, config, opset, output path, options: one
+line `mdx-export: error: ...`); 1 the export or a conversion failed, or the model failed
+validation (the numbers are printed); 130 interrupted. No output file is left behind
+unless it validated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mdx.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, ExportFailure, export_checkpoint, max_opset
+from mdx.export.validate import ValidationError
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"mdx-export: error: {msg}", err=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(click.Command):
+    """Click's own usage errors (a bad --precision, a missing argument) as one line too."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("interrupted (no file written)", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="FILE.onnx",
+              help="Output file [default: models/<run-folder-name>[-fp16|-int8].onnx].")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help=f"ONNX opset ({MIN_OPSET}..{max_opset()} with the installed exporter).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp32; fp16 for the CUDA provider (float32 inputs/outputs); int8 QDQ for the CPU.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
+              help="Which weights of a run or checkpoint folder.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--recommended", default=None, metavar="JSON",
+              help='Sampling defaults for mdx-sample: {"sampler": ddpm|ddim|dpmpp, "steps": N, "guidance": G}.')
+@click.option("--calibration-data", default=None, metavar="SPEC",
+              help="int8 calibration images (a data spec as for mdx-train --data) [default: the run's data].")
+@click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
+              help="int8 activation type: u8 runs as QLinearConv on x86 CPUs; s8 mostly does not.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+def main(checkpoint: Path, output: Path | None, opset: int, precision: str, weights: str, no_simplify: bool,
+         recommended: str | None, calibration_data: str | None, int8_activations: str, quiet: bool) -> None:
+    """Export a checkpoint to one self-contained ONNX file and validate it.
+
+    RUN_DIR_OR_CHECKPOINT is a run folder, its checkpoint/ folder or a .safetensors file.
+    The file is validated (onnx checker, shape inference, static graph, the model contract,
+    ONNX Runtime parity with torch at batch 1, 7 and 64) before it is written.
+    """
+    try:
+        export_checkpoint(checkpoint, output, opset=opset, precision=precision, weights=weights,
+                          simplify=not no_simplify, recommended=recommended, calibration_data=calibration_data,
+                          verbose=not quiet, int8_activations=int8_activations)
+    except ExportError as e:
+        _fail(str(e), 2)
+    except ExportFailure as e:
+        _fail(str(e), 1)
+    except ValidationError as e:
+        lines = str(e).splitlines()
+        _fail(lines[0] + "".join(f"\n    {ln}" for ln in lines[1:]) + "\n    (no file written)", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted (no file written)", 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Export a checkpoint to one self-contained, validated ONNX file (DESIGN.md's model contract).
+
+    export_checkpoint("runs/emoji16", "models/emoji16.onnx")            # fp32, opset 17
+    export_checkpoint("runs/emoji16", "models/emoji16-int8.onnx", precision="int8")
+
+The steps, each reported with its figures:
+
+1. load the checkpoint (EMA weights by default) and rebuild the torch model in eval mode;
+2. `torch.onnx.export` with the dynamo exporter (TorchScript exporter as a fallback, said
+   aloud), a dynamic batch dimension and the weights embedded;
+3. simplify with onnxsim, its own numerical check on;
+4. write the `mdx.*` metadata so the runtime needs nothing beside the file;
+5. for fp16 / int8, convert (see quantize.py);
+6. save under a temporary name beside the output, validate (validate.py), and only then
+   rename it into place. Any failure, Ctrl-C included, removes the temporary file.
+
+Errors a user can cause raise `ExportError` (one line); a failure of the tools raises
+`ExportFailure`; a model that fails validation raises `ValidationError` with the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from mdx.export.quantize import (INT8_ACTIVATIONS, CalibrationError, CalibrationReader, convert_fp16,
+                                 make_calibration_set, quantize_int8)
+from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, ValidationReport, all_nodes,
+                                 onnx_opset, validate_onnx)
+from mdx.train.checkpoint import CKPT_DIR, OLD_DIR, CheckpointError, LoadedCheckpoint, load_checkpoint
+from mdx.train.model import count_parameters
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # per-channel QDQ and the ops this model needs are all in opset 13
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
+FORMAT = "1"
+PRECISION_SUFFIX = {"fp32": "", "fp16": "-fp16", "int8": "-int8"}
+PRECISION_DOC = {
+    "fp32": "float32 weights and compute",
+    "fp16": "float16 weights and compute, float32 inputs and output (for the CUDA provider)",
+    "int8": "int8 QDQ static quantization, per-channel signed int8 weights, {act} activations "
+            "(for the CPU provider)",
+}
+ACTIVATION_DOC = {"u8": "asymmetric uint8", "s8": "signed int8"}
+INPUT_DOCS = {
+    "sample": "the noisy image x_t, float32 [batch, C, H, W], values about N(0, 1)",
+    "timestep": "the timestep index t in 0..T-1, float32 [batch] (the graph normalises it)",
+    "context": "class weights, float32 [batch, K]: one-hot, multi-hot to mix, all zeros = unconditional",
+    "model_output": "the prediction named by mdx.prediction_type, float32 [batch, C, H, W]",
+}
+
+
+class ExportError(ValueError):
+    """Bad input from the user (checkpoint, opset, output path, options); one line."""
+
+
+class ExportFailure(RuntimeError):
+    """The exporter or a conversion failed on a valid checkpoint; one line."""
+
+
+def max_opset() -> int:
+    """The highest opset both the installed torch exporter and onnx support."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # a private module; fall back to what the torch this was written for supports
+        torch_max = 23
+    return min(int(torch_max), onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> int:
+    hi = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
+        raise ExportError(f"unsupported opset {opset!r}; the installed exporter supports {MIN_OPSET}..{hi}")
+    return opset
+
+
+def parse_recommended(value: str | dict | None, num_train_timesteps: int) -> dict | None:
+    """Check `--recommended` ({"sampler": ..., "steps": ..., "guidance": ...}); canonical dict or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--recommended is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"--recommended must be a JSON object, got {value!r}")
+    keys = {"sampler", "steps", "guidance"}
+    if set(value) != keys:
+        raise ExportError(f"--recommended must have exactly the keys guidance, sampler, steps; got {sorted(value)}")
+    sampler, steps, guidance = value["sampler"], value["steps"], value["guidance"]
+    if sampler not in SAMPLERS:
+        raise ExportError(f"--recommended sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    T = num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ExportError(f"--recommended steps must be an integer in 1..{T}, got {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ExportError(f"--recommended guidance must be a number >= 0, got {guidance!r}")
+    return {"sampler": sampler, "steps": steps, "guidance": float(guidance)}
+
+
+def default_output(checkpoint: str | Path, precision: str) -> Path:
+    """models/<run-folder-name>[-fp16|-int8].onnx, relative to the current directory."""
+    p = Path(checkpoint).resolve()
+    if p.is_file():
+        name = p.parent.parent.name if p.parent.name in (CKPT_DIR, OLD_DIR) else p.stem
+    elif p.name in (CKPT_DIR, OLD_DIR):
+        name = p.parent.name
+    else:
+        name = p.name
+    return Path("models") / f"{name}{PRECISION_SUFFIX[precision]}.onnx"
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def node_count(model: onnx.ModelProto) -> int:
+    return len(all_nodes(model))
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@contextlib.contextmanager
+def _quiet(capture: io.StringIO):
+    """Hold the exporters' progress prints, warnings and log lines (shown only on failure)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(capture), contextlib.redirect_stderr(capture):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _tail(text: str, n: int = 3) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+# --- torch -> ONNX ----------------------------------------------------------------------------
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with; batch 2 so the exporter does not specialise the batch to 1."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)  # (B, C, H, W)
+    timestep = torch.linspace(0, cfg.num_train_timesteps - 1, batch)  # (B,)
+    context = torch.nn.functional.one_hot(torch.arange(batch) % cfg.n_classes, cfg.n_classes).float()  # (B, K)
+    return sample, timestep, context
+
+
+def _export_dynamo(model, args, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        model, args, None, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        dynamic_shapes={"sample": {0: batch}, "timestep": {0: batch}, "context": {0: batch}},
+    )
+    return program.model_proto
+
+
+def _export_torchscript(model, args, opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES}
+    torch.onnx.export(
+        model, args, buf, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True, verbose=False,
+    )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def torch_to_onnx(model: torch.nn.Module, opset: int, log: Callable[[str], None]) -> tuple[onnx.ModelProto, str, float]:
+    """Export with the dynamo exporter, else the TorchScript one; (model, method, seconds).
+
+    The file's opset must equal the request: the dynamo exporter builds at 18 and converts
+    down, and when that conversion fails it keeps 18, which counts as a failure here.
+    """
+    args = example_inputs(model)
+    attempts = [("dynamo", _export_dynamo), ("torchscript", _export_torchscript)]
+    problems = []
+    for method, export in attempts:
+        held = io.StringIO()
+        t0 = time.perf_counter()
+        try:
+            with _quiet(held), torch.no_grad():
+                proto = export(model, args, opset)
+        except Exception as e:  # noqa: BLE001 - reported, then the next exporter is tried
+            problems.append(f"{method} exporter: {type(e).__name__}: {_tail(str(e) or held.getvalue(), 1)}")
+            continue
+        seconds = time.perf_counter() - t0
+        got = onnx_opset(proto)
+        if got != opset:
+            problems.append(f"{method} exporter wrote opset {got}, not {opset} ({_tail(held.getvalue(), 1)})")
+            continue
+        if problems:
+            log(f"  note       {problems[-1]}; used the {method} exporter instead")
+        return proto, method, seconds
+    raise ExportFailure("export failed: " + "; ".join(problems))
+
+
+def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim with its own check (random inputs, batch 2) on; the batch stays dynamic."""
+    import onnxsim
+
+    cfg_shapes = {v.name: [2] + [d.dim_value for d in v.type.tensor_type.shape.dim[1:]] for v in model.graph.input}
+    held = io.StringIO()
+    try:
+        with _quiet(held):
+            simplified, ok = onnxsim.simplify(model, check_n=3, test_input_shapes=cfg_shapes, certify=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportFailure(f"onnxsim failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
+    if not ok:
+        raise ExportFailure("onnxsim's check failed: the simplified model differs from the exported one")
+    return simplified
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def build_metadata(ckpt: LoadedCheckpoint, precision: str, recommended: dict | None) -> dict[str, str]:
+    """The mdx.* metadata of DESIGN.md (all strings, JSON where structured)."""
+    mc = ckpt.model_config
+    meta = {
+        "mdx.format": FORMAT,
+        "mdx.image_size": str(mc.image_size),
+        "mdx.channels": str(mc.in_channels),
+        "mdx.classes": json.dumps(list(ckpt.class_names)),
+        "mdx.schedule": json.dumps(ckpt.schedule.to_dict(), sort_keys=True),
+        "mdx.prediction_type": ckpt.prediction_type,
+        "mdx.precision": precision,
+        "mdx.train_config": json.dumps(ckpt.config, sort_keys=True),
+        "mdx.checkpoint_sha256": ckpt.sha256,
+        "mdx.num_train_timesteps": str(mc.num_train_timesteps),
+        "mdx.parameters": str(count_parameters(ckpt.model)),
+    }
+    if recommended is not None:
+        meta["mdx.recommended"] = json.dumps(recommended, sort_keys=True)
+    return meta
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("microdiffusion")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
+        return "0"
+
+
+def describe(ckpt: LoadedCheckpoint, precision: str, int8_activations: str = "u8") -> str:
+    mc, s = ckpt.model_config, ckpt.schedule
+    how = PRECISION_DOC[precision].format(act=ACTIVATION_DOC[int8_activations])
+    return (f"mdx class-conditional diffusion U-Net (the course's ContextUnet): n_feat={mc.n_feat}, "
+            f"{mc.n_classes} classes ({', '.join(ckpt.class_names)}), {mc.in_channels}x{mc.image_size}x"
+            f"{mc.image_size} images, {ckpt.prediction_type} prediction, {s.kind} schedule with T="
+            f"{s.num_train_timesteps}; {how}. Exported from {ckpt.path.name} "
+            f"({ckpt.weights} weights, step {ckpt.step}, sha256 {ckpt.sha256[:12]}). "
+            f"Inputs: sample, timestep, context; output: model_output. Sample it with mdx-sample.")
+
+
+def finish_model(model: onnx.ModelProto, ckpt: LoadedCheckpoint, precision: str,
+                 recommended: dict | None, int8_activations: str = "u8") -> onnx.ModelProto:
+    """Set the metadata, producer and doc strings; drop other tools' metadata and unused opset imports."""
+    del model.metadata_props[:]  # onnxsim and the quantizer leave their own notes; keep ours only
+    for key, value in build_metadata(ckpt, precision, recommended).items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "mdx-export"
+    model.producer_version = _version()
+    model.model_version = int(ckpt.step)
+    model.doc_string = describe(ckpt, precision, int8_activations)
+    model.graph.name = "mdx_context_unet"
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.doc_string = INPUT_DOCS.get(v.name, "")
+    used = {n.domain for n in all_nodes(model)}
+    keep = [imp for imp in model.opset_import if imp.domain in ("", "ai.onnx") or imp.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
+
+
+# --- the whole export -------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What `export_checkpoint` did and measured."""
+
+    path: Path
+    precision: str
+    opset: int
+    method: str
+    export_seconds: float
+    simplified: bool
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    simplify_seconds: float = 0.0
+    convert_seconds: float = 0.0
+    calibration: str | None = None
+    final_nodes: int = 0
+    final_bytes: int = 0
+    validation: ValidationReport | None = None
+    total_seconds: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prepare_output(out: Path) -> Path:
+    """Make the output folder and a temporary file beside the output; ExportError if impossible."""
+    if out.is_dir():
+        raise ExportError(f"cannot write {out}: it is a folder")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ExportError(f"cannot write {out}: {existing} is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):  # mkstemp makes it private; the model is an ordinary file
+        os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def _calibration(ckpt: LoadedCheckpoint, calibration_data: str | None):
+    train = ckpt.config.get("train") or {}
+    spec = calibration_data or train.get("data") or "emoji16"
+    labels = None if calibration_data else train.get("labels")
+    cond_drop = train.get("cond_drop", 0.1)
+    cond_drop = cond_drop if isinstance(cond_drop, (int, float)) and 0 <= cond_drop < 1 else 0.1
+    mc = ckpt.model_config
+    try:
+        return make_calibration_set(spec, ckpt.schedule, ckpt.class_names, mc.in_channels, mc.image_size,
+                                    labels=labels, cond_drop=cond_drop)
+    except CalibrationError as e:
+        hint = "" if calibration_data else " (pass --calibration-data SPEC)"
+        raise ExportError(f"{e}{hint}") from None
+
+
+def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                      precision: str = "fp32", weights: str = "ema", simplify: bool = True,
+                      recommended: str | dict | None = None, calibration_data: str | None = None,
+                      verbose: bool = True, int8_activations: str = "u8") -> ExportReport:
+    """Export a run folder, checkpoint folder or .safetensors file to a validated ONNX file.
+
+    out: the .onnx path (default models/<run-folder-name>[-fp16|-int8].onnx).
+    recommended: {"sampler": "ddpm|ddim|dpmpp", "steps": n, "guidance": g} (JSON or dict) for mdx-sample.
+    calibration_data: int8 only; a data spec for load_data (default: the run's training data).
+    int8_activations: "u8" (default, ORT's fast x86 path) or "s8"; see quantize.py.
+    Raises ExportError (bad input), ExportFailure (a tool failed) or ValidationError (the numbers).
+    Nothing is left at `out` unless it validated.
+    """
+    log: Callable[[str], None] = print if verbose else (lambda _msg: None)
+    t_start = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if weights not in ("ema", "raw"):
+        raise ExportError(f"unknown weights {weights!r}; choose ema or raw")
+    check_opset(opset)
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise ExportError(f"unknown int8 activation type {int8_activations!r}; choose u8 or s8")
+    if calibration_data is not None and precision != "int8":
+        raise ExportError("--calibration-data is only used with --precision int8")
+    try:
+        ckpt = load_checkpoint(path, weights=weights)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    rec = parse_recommended(recommended, ckpt.model_config.num_train_timesteps)
+    out = Path(out) if out is not None else default_output(path, precision)
+
+    mc = ckpt.model_config
+    log(f"mdx-export: {path} ({weights} weights, step {ckpt.step}, sha256 {ckpt.sha256[:12]}) -> {out}")
+    log(f"  model      ContextUnet n_feat={mc.n_feat}, {mc.n_classes} classes, {mc.in_channels}x{mc.image_size}x"
+        f"{mc.image_size}, {count_parameters(ckpt.model):,} parameters, {ckpt.prediction_type}, "
+        f"{ckpt.schedule.kind} T={mc.num_train_timesteps}")
+    calib = _calibration(ckpt, calibration_data) if precision == "int8" else None  # bad data fails early
+    tmp = _prepare_output(out)
+    try:
+        proto, method, export_s = torch_to_onnx(ckpt.model, opset, log)
+        nodes0, bytes0 = node_count(proto), proto.ByteSize()
+        log(f"  export     torch.onnx.export ({method} exporter), opset {opset}, {export_s:.1f} s: "
+            f"{nodes0} nodes, {fmt_bytes(bytes0)}")
+        simplify_s = 0.0
+        if simplify:
+            t0 = time.perf_counter()
+            proto = simplify_model(proto)
+            simplify_s = time.perf_counter() - t0
+            log(f"  simplify   onnxsim (check on): {nodes0} -> {node_count(proto)} nodes, "
+                f"{fmt_bytes(bytes0)} -> {fmt_bytes(proto.ByteSize())}, {simplify_s:.1f} s")
+        else:
+            log("  simplify   skipped (--no-simplify)")
+        report = ExportReport(out, precision, opset, method, export_s, simplify, nodes0, node_count(proto),
+                              bytes0, proto.ByteSize(), simplify_seconds=simplify_s)
+
+        t0 = time.perf_counter()
+        if precision == "fp16":
+            proto = convert_fp16(proto)
+        elif precision == "int8":
+            report.calibration = calib.description
+            log(f"  calibrate  {calib.description}")
+            held = io.StringIO()
+            try:
+                with _quiet(held):
+                    proto = quantize_int8(proto, CalibrationReader(calib), int8_activations)
+            except Exception as e:  # noqa: BLE001
+                raise ExportFailure(f"int8 quantization failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
+        if precision != "fp32":
+            report.convert_seconds = time.perf_counter() - t0
+            what = {"fp16": "float16, float32 I/O", "int8": f"QDQ, s8 per-channel weights, {int8_activations} "
+                                                            f"activations, MinMax"}[precision]
+            log(f"  {precision:<10} {what}: {node_count(proto)} nodes, {fmt_bytes(proto.ByteSize())}, "
+                f"{report.convert_seconds:.1f} s")
+
+        proto = finish_model(proto, ckpt, precision, rec, int8_activations)
+        report.metadata = {p.key: p.value for p in proto.metadata_props}
+        onnx.save(proto, str(tmp))
+        report.final_nodes, report.final_bytes = node_count(proto), tmp.stat().st_size
+
+        report.validation = validate_onnx(tmp, ckpt.model, ckpt.schedule, precision, opset=opset)
+        v = report.validation
+        log(f"  validate   {', '.join(v.checks[:-1])}: ok ({v.seconds:.1f} s)")
+        log("  parity     vs torch (eval mode), fresh random inputs:")
+        for line in v.parity_lines():
+            log(f"               {line}")
+        os.replace(tmp, out)
+        report.total_seconds = time.perf_counter() - t_start
+        log(f"  wrote      {out} ({fmt_bytes(report.final_bytes)}, {report.final_nodes} nodes) "
+            f"in {report.total_seconds:.1f} s")
+        return report
+    finally:
+        # Any failure, KeyboardInterrupt included, removes the temporary file; after a
+        # successful rename it no longer exists.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
