@@ -1,0 +1,555 @@
+"""mdx-ui: sample an mdx model in the browser, a gradio app on ONNX Runtime and numpy (no torch).
+
+    mdx-ui                                        # models/*.onnx on http://127.0.0.1:7860
+    mdx-ui --models-dir exported/ --port 8000 --max-batch 16 --concurrency 1
+
+The page: a model picker over `<models-dir>/*.onnx` (diffusion models only: files without
+`mdx.format` metadata, such as a classifier, are left out), one checkbox per class (tick
+several to mix them, multi-hot, as `mdx-sample --class a --class b`; none cycles through all
+classes), the sampler, steps, guidance, eta, seed, batch size and provider. Generate shows the
+grid, the denoising animation (the predicted x_0 at each step) and the timings.
+
+Every value is bounded twice: by its component in the page, and again by the handler
+(`Studio.generate`), since a client can post anything to the API. Errors a user can cause
+(a bad value, a missing or corrupt model, a provider that does not start) become a
+`gr.Error` in the page; the server keeps serving.
+
+gradio is imported inside functions only, so that the runtime imports without it
+(`pip install 'microdiffusion[ui]'` adds it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import mmap
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import click
+import numpy as np
+import onnxruntime as ort
+
+import mdx.runtime
+from mdx.runtime.cli import FALLBACK
+from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
+from mdx.runtime.pipeline import PipelineError, build_context, generate
+from mdx.runtime.samplers import SAMPLERS, SamplerError
+from mdx.runtime.schedules import ScheduleError
+from mdx.runtime.session import ModelError, ModelInfo, OnnxDenoiser
+
+PROG = "mdx-ui"
+INSTALL_HINT = "pip install 'microdiffusion[ui]'"
+MAX_GUIDANCE = 20.0  # the slider's top; guidance far beyond ~10 only saturates the images
+MAX_SEED = 2**32 - 1
+GRID_PIXELS = 96  # each image is upscaled (nearest) to about this many pixels a side
+GIF_SCALE = 4
+KEEP_FILES_SECONDS = 15 * 60  # animations older than this are removed from the work folder
+USER_ERRORS = (ModelError, PipelineError, SamplerError, ScheduleError, OutputError)
+
+
+class UiError(ValueError):
+    """A request value out of range, or a model name that is not in the models folder."""
+
+
+# --- the models folder ----------------------------------------------------------------
+
+
+def default_models_dir() -> Path:
+    """./models when it exists, else the repository's models/."""
+    local = Path.cwd() / "models"
+    if local.is_dir():
+        return local
+    return Path(mdx.runtime.__file__).resolve().parents[1] / "models"
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object]]:
+    """(field number, wire type, value) of a protobuf message in buf[start:end]; the value of a
+    length-delimited field is its (start, end) span, so large fields (the graph) are skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = (pos, pos + length), pos + length
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated field")
+        yield field, wire, value
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file without loading its graph or starting a session.
+
+    ModelProto: field 7 is the graph, field 14 the metadata_props (StringStringEntryProto:
+    key = 1, value = 2). Raises ValueError when the file is not an ONNX model.
+    """
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            meta, has_graph = {}, False
+            for field, wire, value in _fields(buf, 0, len(buf)):
+                has_graph |= field == 7 and wire == 2
+                if field == 14 and wire == 2:
+                    entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
+                             for f, w, v in _fields(buf, *value) if w == 2 and f in (1, 2)}
+                    meta[entry.get(1, "")] = entry.get(2, "")
+    if not has_graph:
+        raise ValueError("no graph")
+    return meta
+
+
+def list_models(models_dir: Path) -> list[str]:
+    """File names of the diffusion models in `models_dir`, sorted.
+
+    A file that parses as ONNX but has no `mdx.format` metadata (a classifier, a foreign model)
+    is left out; a file that does not parse stays in, so picking it shows why it cannot load.
+    """
+    names = []
+    for path in sorted(Path(models_dir).glob("*.onnx")):
+        if not path.is_file():
+            continue
+        try:
+            meta = read_metadata(path)
+        except (OSError, ValueError):
+            names.append(path.name)
+            continue
+        if "mdx.format" in meta:
+            names.append(path.name)
+    return names
+
+
+def provider_choices() -> list[str]:
+    """"auto" and what onnxruntime lists (a listed provider may still fail to start: the
+    handler reports that, and the timings name the provider that really ran)."""
+    return ["auto", *ort.get_available_providers()]
+
+
+# --- loaded models, reused across requests --------------------------------------------
+
+
+class DenoiserPool:
+    """Loaded models per (path, provider), reused across requests.
+
+    An OnnxDenoiser keeps one set of input/output buffers per batch size, so two requests
+    must not use the same one at the same time: each request takes an idle denoiser, or loads
+    another. The queue's concurrency limit bounds how many exist per key. A model file that
+    changes on disk (mtime or size) is loaded afresh.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list[OnnxDenoiser]] = {}
+
+    @contextlib.contextmanager
+    def use(self, path: Path, provider: str) -> Iterator[OnnxDenoiser]:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ModelError(f"model file {path} does not exist") from None
+        key = (str(path.resolve()), provider, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            for stale in [k for k in self._idle if k[:2] == key[:2] and k != key]:
+                del self._idle[stale]
+            idle = self._idle.get(key)
+            denoiser = idle.pop() if idle else None
+        if denoiser is None:
+            denoiser = OnnxDenoiser.load(path, provider=provider)  # ModelError when it cannot
+        try:
+            yield denoiser
+        finally:
+            with self._lock:
+                self._idle.setdefault(key, []).append(denoiser)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+
+# --- checks on request values ---------------------------------------------------------
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    """An integer in lo..hi (an integral float, as JSON clients send, is accepted)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and math.isfinite(value) and float(value).is_integer() and lo <= value <= hi:
+        return int(value)
+    raise UiError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+
+
+def _float_in(name: str, value, lo: float, hi: float) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and math.isfinite(value) and lo <= value <= hi:
+        return float(value)
+    raise UiError(f"{name} must be a number in {lo:g}..{hi:g}, got {value!r}")
+
+
+def max_steps(sampler: str, num_train_timesteps: int) -> int:
+    """DPM-Solver++ visits at most T-1 steps (it needs a previous timestep), the others T."""
+    return num_train_timesteps - 1 if sampler == "dpmpp" else num_train_timesteps
+
+
+# --- what the page shows ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    grid: np.ndarray  # (H', W', C) uint8, upscaled
+    animation: Path  # a GIF of the predicted x_0 per step, then the samples
+    timings: str
+    labels: np.ndarray  # (n,) int64, -1 for a mix
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the page shows for a picked model: its classes and the defaults for the controls."""
+
+    info: ModelInfo
+    settings: dict  # sampler, steps, guidance
+    notes: tuple[str, ...]  # recommended values that could not be used
+
+
+def recommended_settings(info: ModelInfo) -> tuple[dict, list[str]]:
+    """sampler, steps, guidance: the model's mdx.recommended where it gives usable values, else
+    mdx-sample's fallback; plus a note for each recommended value that could not be used."""
+    settings, notes = dict(FALLBACK), []
+    T = info.schedule.num_train_timesteps
+    given = info.recommended or {}
+    if "sampler" in given:
+        if given["sampler"] in SAMPLERS:
+            settings["sampler"] = given["sampler"]
+        else:
+            notes.append(f"mdx.recommended sampler {given['sampler']!r} ignored: not one of {', '.join(SAMPLERS)}")
+    limit = max_steps(settings["sampler"], T)
+    steps = given.get("steps", settings["steps"])
+    if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= limit:
+        settings["steps"] = steps
+    else:
+        settings["steps"] = min(FALLBACK["steps"], limit)
+        if "steps" in given:
+            notes.append(f"mdx.recommended steps {steps!r} ignored: not an integer in 1..{limit}")
+    guidance = given.get("guidance", settings["guidance"])
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 0 <= guidance <= MAX_GUIDANCE:
+        settings["guidance"] = float(guidance)
+    else:
+        notes.append(f"mdx.recommended guidance {guidance!r} ignored: not a number in 0..{MAX_GUIDANCE:g}")
+    return settings, notes
+
+
+def describe(view: ModelView) -> str:
+    """The model card shown under the picker (Markdown)."""
+    info, s = view.info, view.info.schedule
+    card = (f"**{info.path.name}**: {info.image_size}×{info.image_size}, {info.channels} channels, "
+            f"{info.num_classes} classes, {s.kind} schedule with T = {s.num_train_timesteps}, "
+            f"{info.prediction_type}, {info.precision}")
+    return "\n\n".join([card, *(f"⚠️ {note}" for note in view.notes)])
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.2f} s" if t >= 1 else f"{t * 1000:.1f} ms"
+
+
+def timings_text(n: int, info: ModelInfo, what: str, wall: float, sampling: float, model: float,
+                 provider: str, notes: Sequence[str]) -> str:
+    """What was sampled, the wall time, the model's share of the sampling loop, the rate, and the
+    provider that really ran (onnxruntime may fall back from the one asked for)."""
+    share = model / sampling if sampling > 0 else 1.0
+    rate = n / sampling if sampling > 0 else float("inf")
+    lines = [f"{n} images of {info.image_size}×{info.image_size} ({what})",
+             f"wall time {_seconds(wall)} (sampling {_seconds(sampling)}, {share:.0%} of it in the model)",
+             f"{rate:.1f} images/s on {provider}",
+             *notes]
+    return "\n".join(lines)
+
+
+# --- what a request does, without gradio ----------------------------------------------
+
+
+class Studio:
+    """The app's handlers as plain methods: tests and the gradio wiring call the same code."""
+
+    def __init__(self, models_dir: str | Path, max_batch: int = 64, work_dir: Path | None = None,
+                 pool: DenoiserPool | None = None) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise UiError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.models_dir = Path(models_dir)
+        self.max_batch = max_batch
+        self.pool = pool or DenoiserPool()
+        if work_dir is None:
+            work_dir = Path(tempfile.mkdtemp(prefix="mdx-ui-"))
+            atexit.register(shutil.rmtree, work_dir, True)
+        self.work_dir = Path(work_dir)
+
+    def models(self) -> list[str]:
+        return list_models(self.models_dir)
+
+    def model_path(self, name) -> Path:
+        """The file for a picker value; only names listed in the models folder are accepted."""
+        models = self.models()
+        if not models:
+            raise UiError(f"no models in {self.models_dir}: export one there with mdx-export (see the README)")
+        if not isinstance(name, str) or name not in models:
+            raise UiError(f"model {name!r} is not in {self.models_dir}; choose one of {', '.join(models)}")
+        return self.models_dir / name
+
+    def check_provider(self, provider) -> str:
+        choices = provider_choices()
+        if provider not in choices:
+            raise UiError(f"provider {provider!r} is not one of {', '.join(choices)}")
+        return provider
+
+    def view(self, name, provider="auto") -> ModelView:
+        path = self.model_path(name)
+        with self.pool.use(path, self.check_provider(provider)) as denoiser:
+            settings, notes = recommended_settings(denoiser.info)
+            return ModelView(denoiser.info, settings, tuple(notes))
+
+    def _prune(self) -> None:
+        cutoff = time.time() - KEEP_FILES_SECONDS
+        for old in self.work_dir.glob("*.gif"):
+            with contextlib.suppress(FileNotFoundError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+
+    def generate(self, model, classes, sampler, steps, guidance, eta, seed, batch, provider="auto",
+                 progress: Callable[[int, int], None] | None = None) -> Result:
+        """One request: check every value, sample, and render the grid and the animation.
+
+        eta applies to DDIM only and is ignored for the other samplers (the page disables it).
+        """
+        start = time.perf_counter()
+        if sampler not in SAMPLERS:
+            raise UiError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        n = _int_in("batch size", batch, 1, self.max_batch)
+        guidance = _float_in("guidance", guidance, 0.0, MAX_GUIDANCE)
+        eta = _float_in("eta", eta, 0.0, 1.0)
+        seed = _int_in("seed", seed, 0, MAX_SEED)
+        if classes is None:
+            classes = []
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+            raise UiError(f"classes must be a list of class names, got {classes!r}")
+        path = self.model_path(model)
+        provider = self.check_provider(provider)
+
+        with self.pool.use(path, provider) as denoiser:
+            info = denoiser.info
+            T = info.schedule.num_train_timesteps
+            steps = _int_in(f"steps (for {sampler} on this model with T = {T})", steps, 1, max_steps(sampler, T))
+            context, labels = build_context(info.class_names, list(classes), False, n)
+            result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
+                              eta=eta if sampler == "ddim" else 0.0, seed=seed, record_x0=True, progress=progress)
+            running, notes = denoiser.provider, list(denoiser.notes)
+
+        columns = grid_columns(n, None if classes else info.num_classes)
+        scale = max(1, GRID_PIXELS // info.image_size)
+        grid = make_grid(to_uint8(result.samples), columns, scale)
+        self._prune()
+        animation = save_gif(result.x0_frames, result.samples, self.work_dir / f"{uuid.uuid4().hex}.gif",
+                             columns, scale=GIF_SCALE)
+        wall = time.perf_counter() - start
+        what = (f"{'+'.join(classes) if classes else 'all classes'}, {sampler} {steps} steps, "
+                f"guidance {guidance:g}{f', eta {eta:g}' if sampler == 'ddim' and eta else ''}, seed {seed}")
+        text = timings_text(n, info, what, wall, result.total_seconds, result.model_seconds, running, notes)
+        return Result(grid=grid, animation=animation, timings=text, labels=labels)
+
+
+# --- the page -------------------------------------------------------------------------
+
+
+def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2, max_queue: int = 32,
+              studio: Studio | None = None):
+    """The gradio Blocks app, queued with `concurrency` requests at a time; launch it with
+    `app.launch(server_name=..., server_port=...)`.
+
+    API (gradio_client): `/generate` (model file name, list of class names, sampler, steps,
+    guidance, eta, seed, batch size, provider) -> (grid PNG, animation GIF, timings text), and
+    `/pick_model` (model, provider) -> the page's updates for that model. `/generate` takes the
+    model, its classes and the steps as plain values, since their allowed values depend on the
+    model: the handler checks them; the other values go through the page's bounded components.
+    """
+    import gradio as gr
+
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise UiError(f"concurrency must be a positive integer, got {concurrency!r}")
+    studio = studio or Studio(models_dir, max_batch=max_batch)
+    models = studio.models()
+
+    # The page's initial state: the first model that loads, its classes and recommended settings.
+    first, view, problem = (models[0] if models else None), None, None
+    if not models:
+        problem = f"⚠️ No models in `{studio.models_dir}`: export one there with `mdx-export` (see the README)."
+    for name in models:
+        try:
+            first, view = name, studio.view(name)
+            break
+        except (UiError, *USER_ERRORS) as e:
+            problem = problem or f"⚠️ {e}"
+    settings = view.settings if view else dict(FALLBACK)
+    T = view.info.schedule.num_train_timesteps if view else 1000
+    class_names = list(view.info.class_names) if view else []
+
+    def pick_model(name, provider):
+        """New classes, defaults and bounds for the picked model; an unusable model shows why."""
+        try:
+            v = studio.view(name, provider)
+        except (UiError, *USER_ERRORS) as e:
+            gr.Warning(str(e))
+            return (gr.update(choices=[], value=[]), f"⚠️ {e}", gr.update(), gr.update(), gr.update(),
+                    gr.update())
+        s, t = v.settings, v.info.schedule.num_train_timesteps
+        return (gr.update(choices=list(v.info.class_names), value=[]), describe(v),
+                gr.update(value=s["sampler"]), gr.update(value=s["steps"], maximum=max_steps(s["sampler"], t)),
+                gr.update(value=s["guidance"]), gr.update(interactive=s["sampler"] == "ddim"))
+
+    def pick_sampler(sampler, steps, name, provider):
+        """DPM-Solver++ allows one step fewer; eta belongs to DDIM."""
+        eta = gr.update(interactive=sampler == "ddim")
+        try:
+            t = studio.view(name, provider).info.schedule.num_train_timesteps
+        except (UiError, *USER_ERRORS):
+            return gr.update(), eta
+        top = max_steps(sampler, t)
+        return gr.update(maximum=top, value=min(steps, top)), eta
+
+    def rescan(name):
+        """Models added to the folder since the app started appear on the next page load."""
+        names = studio.models()
+        return gr.update(choices=names, value=name if name in names else (names[0] if names else None))
+
+    def run(model, classes, sampler, steps, guidance, eta, seed, batch, provider, progress=gr.Progress()):
+        def report(done, total):
+            progress((done, total), desc="sampling")
+
+        try:
+            r = studio.generate(model, classes, sampler, steps, guidance, eta, seed, batch, provider,
+                                progress=report)
+        except (UiError, *USER_ERRORS) as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return r.grid, str(r.animation), r.timings
+
+    with gr.Blocks(title="Microdiffusion", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown("# Microdiffusion\nSample a class-conditional diffusion model with ONNX Runtime.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
+                card = gr.Markdown(describe(view) if view else problem, elem_id="model-card")
+                classes = gr.CheckboxGroup(class_names, value=[], label="Classes", elem_id="classes",
+                                           info="Tick one, or several to mix them; none cycles through all.")
+                sampler = gr.Radio(list(SAMPLERS), value=settings["sampler"], label="Sampler", elem_id="sampler")
+                steps = gr.Slider(1, max_steps(settings["sampler"], T), value=settings["steps"], step=1,
+                                  label="Steps", elem_id="steps")
+                guidance = gr.Slider(0.0, MAX_GUIDANCE, value=settings["guidance"], step=0.1, label="Guidance",
+                                     info="1 = the conditional model alone; 0 = unconditional", elem_id="guidance")
+                eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise)",
+                                interactive=settings["sampler"] == "ddim", elem_id="eta")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    batch = gr.Slider(1, studio.max_batch, value=min(2 * max(len(class_names), 1), studio.max_batch),
+                                      step=1, label="Batch size", elem_id="batch")
+                provider = gr.Dropdown(provider_choices(), value="auto", label="Provider", elem_id="provider")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                grid = gr.Image(label="Samples", type="numpy", format="png", interactive=False,
+                                buttons=["download", "fullscreen"], elem_id="grid")
+                animation = gr.Image(label="Denoising (predicted x0 at each step)", type="filepath",
+                                     interactive=False, buttons=["download", "fullscreen"], elem_id="animation")
+                timings = gr.Textbox(label="Timings", lines=4, interactive=False, elem_id="timings")
+        # The API's model-dependent inputs, as plain values (see the docstring).
+        with gr.Column(visible=False):
+            api_model = gr.Textbox(label="model")
+            api_classes = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="classes")
+            api_steps = gr.Number(label="steps", precision=0, minimum=1)
+            api_button = gr.Button("generate")
+
+        model.change(pick_model, [model, provider], [classes, card, sampler, steps, guidance, eta],
+                     api_name="pick_model", api_visibility="undocumented")
+        sampler.input(pick_sampler, [sampler, steps, model, provider], [steps, eta], api_visibility="private")
+        app.load(rescan, [model], [model], api_visibility="private")
+        button.click(run, [model, classes, sampler, steps, guidance, eta, seed, batch, provider],
+                     [grid, animation, timings], api_visibility="private")
+        api_button.click(run, [api_model, api_classes, sampler, api_steps, guidance, eta, seed, batch, provider],
+                         [grid, animation, timings], api_name="generate")
+
+    app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return app
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"{PROG}: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--models-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of .onnx models (default: ./models if it exists, else the repository's models/).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 makes the app reachable from other machines.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to bind.")
+@click.option("--share", is_flag=True, help="Also open a public *.gradio.live link (off unless given).")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Largest batch size a request may ask for.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Requests sampled at the same time; the rest wait in the queue.")
+def main(models_dir: Path | None, host: str, port: int, share: bool, max_batch: int, concurrency: int) -> None:
+    """Sample mdx models in the browser (gradio on ONNX Runtime, no torch)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _fail(f"gradio is not installed; {INSTALL_HINT}")
+    models_dir = models_dir if models_dir is not None else default_models_dir()
+    if not models_dir.is_dir():
+        _fail(f"models folder {models_dir} does not exist; pass --models-dir DIR")
+    try:
+        app = build_app(models_dir, max_batch=max_batch, concurrency=concurrency)
+        _, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, quiet=True,
+                                             prevent_thread_lock=True)
+    except OSError as e:  # the port is taken, the address cannot be bound
+        _fail(f"cannot serve on {host}:{port}: {e}")
+    names = list_models(models_dir)
+    click.echo(f"{PROG}: {len(names)} model(s) in {models_dir}; serving on {local_url}"
+               + (f" and publicly on {share_url}" if share_url else "") + " (Ctrl+C stops)", err=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+
+
+if __name__ == "__main__":
+    main()
