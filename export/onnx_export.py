@@ -42,10 +42,11 @@ from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, Validati
                                  onnx_opset, validate_onnx)
 from mdx.train.checkpoint import CKPT_DIR, OLD_DIR, CheckpointError, LoadedCheckpoint, load_checkpoint
 from mdx.train.model import count_parameters
+from mdx.runtime.samplers import SAMPLERS, SamplerError, make_sampler
+from mdx.runtime.schedules import Schedule
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QDQ and the ops this model needs are all in opset 13
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
 FORMAT = "1"
 PRECISION_SUFFIX = {"fp32": "", "fp16": "-fp16", "int8": "-int8"}
 PRECISION_DOC = {
@@ -87,8 +88,9 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def parse_recommended(value: str | dict | None, num_train_timesteps: int) -> dict | None:
-    """Check `--recommended` ({"sampler": ..., "steps": ..., "guidance": ...}); canonical dict or None."""
+def parse_recommended(value: str | dict | None, schedule: Schedule) -> dict | None:
+    """Check `--recommended` ({"sampler": ..., "steps": ..., "guidance": ...} and optionally
+    "sampler_options": {...} for make_sampler, e.g. {"lambda_min_clipped": -3.0}); canonical dict or None."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -98,19 +100,30 @@ def parse_recommended(value: str | dict | None, num_train_timesteps: int) -> dic
             raise ExportError(f"--recommended is not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ExportError(f"--recommended must be a JSON object, got {value!r}")
-    keys = {"sampler", "steps", "guidance"}
-    if set(value) != keys:
-        raise ExportError(f"--recommended must have exactly the keys guidance, sampler, steps; got {sorted(value)}")
+    keys, optional = {"sampler", "steps", "guidance"}, {"sampler_options"}
+    if not keys <= set(value) <= keys | optional:
+        raise ExportError(f"--recommended must have the keys guidance, sampler, steps (and optionally "
+                          f"sampler_options); got {sorted(value)}")
     sampler, steps, guidance = value["sampler"], value["steps"], value["guidance"]
     if sampler not in SAMPLERS:
         raise ExportError(f"--recommended sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    T = num_train_timesteps
+    T = schedule.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ExportError(f"--recommended steps must be an integer in 1..{T}, got {steps!r}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or guidance < 0:
         raise ExportError(f"--recommended guidance must be a number >= 0, got {guidance!r}")
-    return {"sampler": sampler, "steps": steps, "guidance": float(guidance)}
+    out = {"sampler": sampler, "steps": steps, "guidance": float(guidance)}
+    if "sampler_options" in value:
+        options = value["sampler_options"]
+        if not isinstance(options, dict):
+            raise ExportError(f"--recommended sampler_options must be a JSON object, got {options!r}")
+        try:  # the runtime builds exactly this sampler, so check it can
+            make_sampler(sampler, schedule, **options).set_timesteps(steps)
+        except (SamplerError, TypeError) as e:
+            raise ExportError(f"--recommended sampler_options: {e}") from None
+        out["sampler_options"] = options
+    return out
 
 
 def default_output(checkpoint: str | Path, precision: str) -> Path:
@@ -393,7 +406,7 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: in
         ckpt = load_checkpoint(path, weights=weights)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    rec = parse_recommended(recommended, ckpt.model_config.num_train_timesteps)
+    rec = parse_recommended(recommended, ckpt.schedule)
     out = Path(out) if out is not None else default_output(path, precision)
 
     mc = ckpt.model_config

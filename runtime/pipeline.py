@@ -111,6 +111,19 @@ def prepare_sampler(info, sampler: str, steps: int, eta: float = 0.0, options: d
     return scheduler
 
 
+def recommended_sampler_options(info, sampler: str) -> dict:
+    """The model's recommended sampler options for `sampler` ({} unless it is the recommended one).
+
+    A cosine-schedule model, for instance, recommends DPM-Solver++ with lambda_min_clipped: its
+    last abar_t are ~1e-8, where the data prediction amplifies any error in eps ~1e4-fold.
+    """
+    rec = info.recommended or {}
+    options = rec.get("sampler_options")
+    if rec.get("sampler") != sampler or not isinstance(options, dict):
+        return {}
+    return dict(options)
+
+
 def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None = None,
              context: np.ndarray, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
              record_x0: bool = False, progress: Callable[[int, int], None] | None = None,
@@ -119,7 +132,9 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
     and `.binding(batch)`); see the module docstring for the loop.
 
     `progress(i, total)` is called after each step; `sampler_options` go to `make_sampler`
-    (timestep_spacing, clip_sample, variance_type ...).
+    (timestep_spacing, clip_sample, variance_type, lambda_min_clipped ...). Left at None, they
+    are the model's recommended ones (`mdx.recommended`'s sampler_options) when `sampler` is the
+    recommended sampler, else the sampler's diffusers defaults.
     """
     info = denoiser.info
     context = np.asarray(context, dtype=np.float32)
@@ -134,6 +149,8 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise PipelineError(f"seed must be an integer >= 0, got {seed!r}")
 
+    if sampler_options is None:
+        sampler_options = recommended_sampler_options(info, sampler)
     schedule_sampler = prepare_sampler(info, sampler, steps, eta, sampler_options)
     timesteps = schedule_sampler.timesteps
 

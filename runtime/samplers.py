@@ -132,16 +132,21 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
 
 
 def dpm_solver_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str,
-                         steps_offset: int = 0) -> np.ndarray:
+                         steps_offset: int = 0, last_timestep: int | None = None) -> np.ndarray:
     """The timesteps DPMSolverMultistepScheduler visits: n + 1 points with the last (t = 0) dropped,
-    since the solver's final step goes to sigma = 0 instead."""
+    since the solver's final step goes to sigma = 0 instead.
+
+    `last_timestep` (default T) is where `lambda_min_clipped` cuts the noisiest end off, as
+    diffusers does: the spacings then cover 0..last_timestep - 1 only.
+    """
     T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else last_timestep
     if spacing == "leading":
-        ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1].astype(np.int64) + steps_offset
+        ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1].astype(np.int64) + steps_offset
     elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n]
+        ts = (np.round(np.arange(last, 0, -T / n)).astype(np.int64) - 1)[:n]
     else:  # linspace
-        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     return np.ascontiguousarray(ts)
 
 
@@ -485,12 +490,17 @@ class DPMSolverSampler(_Sampler):
     """
 
     name = "dpmpp"
-    OPTIONS = ("prediction_type", "solver_order", "timestep_spacing", "steps_offset")
+    OPTIONS = ("prediction_type", "solver_order", "timestep_spacing", "steps_offset", "lambda_min_clipped")
 
     def __init__(self, schedule: Schedule, *, prediction_type: str = "epsilon", solver_order: int = 2,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0) -> None:
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 lambda_min_clipped: float = -np.inf) -> None:
         super().__init__(schedule, prediction_type, timestep_spacing, steps_offset)
         self.solver_order = _check_int("solver_order", solver_order, 1, 2)
+        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, (int, float)) \
+                or np.isnan(lambda_min_clipped) or lambda_min_clipped == np.inf:
+            raise SamplerError(f"lambda_min_clipped must be a number or -inf, got {lambda_min_clipped!r}")
+        self.lambda_min_clipped = float(lambda_min_clipped)
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -500,8 +510,28 @@ class DPMSolverSampler(_Sampler):
     def _max_steps(self) -> int:
         return self.num_train_timesteps - 1
 
+    def _last_timestep(self) -> int:
+        """T minus the number of timesteps whose half log-SNR lies below lambda_min_clipped.
+
+        With the cosine schedule the last abar_t are ~1e-8, so x_theta = (x - sigma eps) / alpha
+        multiplies any error in eps by ~1e4 on the first step; diffusers calls this clipping
+        'critical for the cosine schedule'."""
+        T = self.num_train_timesteps
+        if self.lambda_min_clipped == -np.inf:
+            return T
+        abar = self.alphas_cumprod
+        lam = 0.5 * np.log(abar) - 0.5 * np.log1p(-abar)  # (T,) lambda_t, decreasing in t
+        clipped = int(np.searchsorted(lam[::-1], self.lambda_min_clipped, side="left"))
+        if T - clipped < 2:
+            raise SamplerError(f"lambda_min_clipped={self.lambda_min_clipped} leaves fewer than 2 timesteps")
+        return T - clipped
+
     def _make_timesteps(self, n: int) -> np.ndarray:
-        return dpm_solver_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)
+        last = self._last_timestep()
+        if last < self.num_train_timesteps and self.timestep_spacing == "trailing":
+            # diffusers then yields fewer than n timesteps; refuse rather than silently differ.
+            raise SamplerError("lambda_min_clipped works with linspace or leading timestep spacing, not trailing")
+        return dpm_solver_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset, last)
 
     def _precompute(self) -> None:
         ts = self.timesteps

@@ -453,11 +453,20 @@ def test_bad_output_paths(run, tmp_path):
 
 
 def test_parse_recommended_canonical():
-    assert parse_recommended(None, 50) is None
-    assert parse_recommended({"sampler": "ddpm", "steps": 50, "guidance": 0}, 50) == \
+    sched = make_schedule("cosine", 50)
+    assert parse_recommended(None, sched) is None
+    assert parse_recommended({"sampler": "ddpm", "steps": 50, "guidance": 0}, sched) == \
         {"sampler": "ddpm", "steps": 50, "guidance": 0.0}
     with pytest.raises(ExportError, match="1..50"):
-        parse_recommended({"sampler": "ddpm", "steps": True, "guidance": 0}, 50)
+        parse_recommended({"sampler": "ddpm", "steps": True, "guidance": 0}, sched)
+    rec = {"sampler": "dpmpp", "steps": 20, "guidance": 2, "sampler_options": {"lambda_min_clipped": -3.0}}
+    assert parse_recommended(rec, sched)["sampler_options"] == {"lambda_min_clipped": -3.0}
+    with pytest.raises(ExportError, match="sampler_options"):
+        parse_recommended({**rec, "sampler_options": {"no_such_option": 1}}, sched)
+    with pytest.raises(ExportError, match="sampler_options"):
+        parse_recommended({**rec, "sampler_options": [1]}, sched)
+    with pytest.raises(ExportError, match="keys"):
+        parse_recommended({**rec, "extra": 1}, sched)
 
 
 def test_help_text():

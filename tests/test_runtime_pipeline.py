@@ -262,3 +262,32 @@ def test_onnx_path_equals_torch_path_v_prediction(tmp_path, tiny):
         theirs = reference.sample_reference(tiny[0], denoiser.info.schedule, sampler="ddim", steps=25,
                                             context=context, seed=2, prediction_type="v_prediction")
     assert np.abs(ours.samples - theirs).max() <= PARITY_ATOL
+
+
+def test_recommended_sampler_options_apply_to_the_recommended_sampler_only():
+    """A model's mdx.recommended sampler_options (e.g. lambda_min_clipped for a cosine model) are
+    used when sampling with the recommended sampler and options are not given, and only then."""
+    import dataclasses
+
+    plain = FakeDenoiser(T=50)
+    cosine = Schedule("cosine", 50)
+    rec = {"sampler": "dpmpp", "steps": 10, "guidance": 1.0, "sampler_options": {"lambda_min_clipped": -3.0}}
+    model = FakeDenoiser(T=50)
+    model.info = dataclasses.replace(model.info, schedule=cosine, recommended=rec)
+    plain.info = dataclasses.replace(plain.info, schedule=cosine)
+    context, _ = build_context(model.info.class_names, None, False, 3)
+
+    expected = make_sampler("dpmpp", cosine, lambda_min_clipped=-3.0)
+    expected.set_timesteps(10)
+    got = generate(model, sampler="dpmpp", steps=10, context=context, seed=1)
+    np.testing.assert_array_equal(got.timesteps, expected.timesteps)
+    assert got.timesteps[0] < 49  # the clip moved the first step off T - 1
+    explicit = generate(plain, sampler="dpmpp", steps=10, context=context, seed=1,
+                        sampler_options={"lambda_min_clipped": -3.0})
+    np.testing.assert_array_equal(got.samples, explicit.samples)
+    # Explicit options win; another sampler ignores the recommendation.
+    overridden = generate(model, sampler="dpmpp", steps=10, context=context, seed=1, sampler_options={})
+    assert overridden.timesteps[0] == 49
+    ddim = generate(model, sampler="ddim", steps=10, context=context, seed=1)
+    np.testing.assert_array_equal(ddim.timesteps, generate(plain, sampler="ddim", steps=10, context=context,
+                                                           seed=1).timesteps)

@@ -212,6 +212,9 @@ OPTION_CASES = [
     ("dpmpp", dict(timestep_spacing="leading")),
     ("dpmpp", dict(timestep_spacing="leading", steps_offset=1)),
     ("dpmpp", dict(solver_order=1)),
+    # diffusers' remedy for the cosine schedule's abar_t ~ 1e-8 end (what the shipped model uses).
+    ("dpmpp", dict(lambda_min_clipped=-3.0)),
+    ("dpmpp", dict(lambda_min_clipped=-5.1, timestep_spacing="leading")),
 ]
 
 
@@ -603,3 +606,23 @@ def test_step_misuse():
     dpm.step(x, 449, x)
     with pytest.raises(SamplerError, match="shape"):
         dpm.step(x[:1], 399, x[:1])
+
+
+def test_lambda_min_clipped_cuts_the_noisiest_timesteps():
+    """On the cosine schedule the clip moves the first timestep down to where lambda >= the clip."""
+    schedule = make_schedule("cosine", T)
+    plain, clipped = make_sampler("dpmpp", schedule), make_sampler("dpmpp", schedule, lambda_min_clipped=-3.0)
+    plain.set_timesteps(20)
+    clipped.set_timesteps(20)
+    assert plain.timesteps[0] == T - 1
+    abar = schedule.alphas_cumprod
+    lam = 0.5 * np.log(abar / (1 - abar))
+    first = int(clipped.timesteps[0])
+    assert first < T - 1 and lam[first] >= -3.0
+    assert (lam[first + 1:] < -3.0).any()
+    with pytest.raises(SamplerError, match="lambda_min_clipped"):
+        make_sampler("dpmpp", schedule, lambda_min_clipped=float("nan"))
+    with pytest.raises(SamplerError, match="fewer than 2"):
+        make_sampler("dpmpp", schedule, lambda_min_clipped=50.0).set_timesteps(5)
+    with pytest.raises(SamplerError, match="trailing"):
+        make_sampler("dpmpp", schedule, lambda_min_clipped=-3.0, timestep_spacing="trailing").set_timesteps(5)
