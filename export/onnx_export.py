@@ -90,7 +90,8 @@ def check_opset(opset: int) -> int:
 
 def parse_recommended(value: str | dict | None, schedule: Schedule) -> dict | None:
     """Check `--recommended` ({"sampler": ..., "steps": ..., "guidance": ...} and optionally
-    "sampler_options": {...} for make_sampler, e.g. {"lambda_min_clipped": -3.0}); canonical dict or None."""
+    "sampler_options": {sampler name: {make_sampler options}}, e.g. {"dpmpp": {"lambda_min_clipped": -3.0},
+    "ddim": {"clip_sample": false}}, the options the model works best with); canonical dict or None."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -115,14 +116,18 @@ def parse_recommended(value: str | dict | None, schedule: Schedule) -> dict | No
         raise ExportError(f"--recommended guidance must be a number >= 0, got {guidance!r}")
     out = {"sampler": sampler, "steps": steps, "guidance": float(guidance)}
     if "sampler_options" in value:
-        options = value["sampler_options"]
-        if not isinstance(options, dict):
-            raise ExportError(f"--recommended sampler_options must be a JSON object, got {options!r}")
-        try:  # the runtime builds exactly this sampler, so check it can
-            make_sampler(sampler, schedule, **options).set_timesteps(steps)
-        except (SamplerError, TypeError) as e:
-            raise ExportError(f"--recommended sampler_options: {e}") from None
-        out["sampler_options"] = options
+        per_sampler = value["sampler_options"]
+        if not isinstance(per_sampler, dict) or not all(isinstance(v, dict) for v in per_sampler.values()):
+            raise ExportError("--recommended sampler_options must map sampler names to JSON objects of options, "
+                              f"got {per_sampler!r}")
+        for name, options in per_sampler.items():
+            if name not in SAMPLERS:
+                raise ExportError(f"--recommended sampler_options: {name!r} is not one of {', '.join(SAMPLERS)}")
+            try:  # the runtime builds exactly this sampler, so check it can
+                make_sampler(name, schedule, **options).set_timesteps(min(steps, T - 1))
+            except (SamplerError, TypeError) as e:
+                raise ExportError(f"--recommended sampler_options for {name}: {e}") from None
+        out["sampler_options"] = per_sampler
     return out
 
 

@@ -112,16 +112,15 @@ def prepare_sampler(info, sampler: str, steps: int, eta: float = 0.0, options: d
 
 
 def recommended_sampler_options(info, sampler: str) -> dict:
-    """The model's recommended sampler options for `sampler` ({} unless it is the recommended one).
+    """The options the model recommends for `sampler` (`mdx.recommended`'s sampler_options), or {}.
 
-    A cosine-schedule model, for instance, recommends DPM-Solver++ with lambda_min_clipped: its
-    last abar_t are ~1e-8, where the data prediction amplifies any error in eps ~1e4-fold.
+    A cosine-schedule model, for instance, recommends DPM-Solver++ with lambda_min_clipped (its
+    last abar_t are ~1e-8, where the data prediction amplifies any error in eps ~1e4-fold) and
+    DDIM without clip_sample (clipping x_0 at high noise distorts its samples).
     """
-    rec = info.recommended or {}
-    options = rec.get("sampler_options")
-    if rec.get("sampler") != sampler or not isinstance(options, dict):
-        return {}
-    return dict(options)
+    per_sampler = (info.recommended or {}).get("sampler_options")
+    options = per_sampler.get(sampler) if isinstance(per_sampler, dict) else None
+    return dict(options) if isinstance(options, dict) else {}
 
 
 def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None = None,
@@ -133,8 +132,8 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
 
     `progress(i, total)` is called after each step; `sampler_options` go to `make_sampler`
     (timestep_spacing, clip_sample, variance_type, lambda_min_clipped ...). Left at None, they
-    are the model's recommended ones (`mdx.recommended`'s sampler_options) when `sampler` is the
-    recommended sampler, else the sampler's diffusers defaults.
+    are the model's recommended options for this sampler (`mdx.recommended`'s sampler_options),
+    else the sampler's diffusers defaults.
     """
     info = denoiser.info
     context = np.asarray(context, dtype=np.float32)

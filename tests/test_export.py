@@ -459,12 +459,12 @@ def test_parse_recommended_canonical():
         {"sampler": "ddpm", "steps": 50, "guidance": 0.0}
     with pytest.raises(ExportError, match="1..50"):
         parse_recommended({"sampler": "ddpm", "steps": True, "guidance": 0}, sched)
-    rec = {"sampler": "dpmpp", "steps": 20, "guidance": 2, "sampler_options": {"lambda_min_clipped": -3.0}}
-    assert parse_recommended(rec, sched)["sampler_options"] == {"lambda_min_clipped": -3.0}
-    with pytest.raises(ExportError, match="sampler_options"):
-        parse_recommended({**rec, "sampler_options": {"no_such_option": 1}}, sched)
-    with pytest.raises(ExportError, match="sampler_options"):
-        parse_recommended({**rec, "sampler_options": [1]}, sched)
+    rec = {"sampler": "dpmpp", "steps": 20, "guidance": 2,
+           "sampler_options": {"dpmpp": {"lambda_min_clipped": -3.0}, "ddim": {"clip_sample": False}}}
+    assert parse_recommended(rec, sched)["sampler_options"] == rec["sampler_options"]
+    for bad in ({"dpmpp": {"no_such_option": 1}}, {"dpmpp": [1]}, {"euler": {}}, [1]):
+        with pytest.raises(ExportError, match="sampler_options"):
+            parse_recommended({**rec, "sampler_options": bad}, sched)
     with pytest.raises(ExportError, match="keys"):
         parse_recommended({**rec, "extra": 1}, sched)
 

@@ -264,15 +264,15 @@ def test_onnx_path_equals_torch_path_v_prediction(tmp_path, tiny):
     assert np.abs(ours.samples - theirs).max() <= PARITY_ATOL
 
 
-def test_recommended_sampler_options_apply_to_the_recommended_sampler_only():
-    """A model's mdx.recommended sampler_options (e.g. lambda_min_clipped for a cosine model) are
-    used when sampling with the recommended sampler and options are not given, and only then."""
+def test_recommended_sampler_options_apply_per_sampler():
+    """A model's mdx.recommended sampler_options (e.g. lambda_min_clipped for dpmpp on a cosine
+    model) are used for that sampler when options are not given; explicit options win."""
     import dataclasses
 
-    plain = FakeDenoiser(T=50)
     cosine = Schedule("cosine", 50)
-    rec = {"sampler": "dpmpp", "steps": 10, "guidance": 1.0, "sampler_options": {"lambda_min_clipped": -3.0}}
-    model = FakeDenoiser(T=50)
+    rec = {"sampler": "ddim", "steps": 10, "guidance": 1.0,
+           "sampler_options": {"dpmpp": {"lambda_min_clipped": -3.0}, "ddim": {"clip_sample": False}}}
+    model, plain = FakeDenoiser(T=50), FakeDenoiser(T=50)
     model.info = dataclasses.replace(model.info, schedule=cosine, recommended=rec)
     plain.info = dataclasses.replace(plain.info, schedule=cosine)
     context, _ = build_context(model.info.class_names, None, False, 3)
@@ -285,9 +285,14 @@ def test_recommended_sampler_options_apply_to_the_recommended_sampler_only():
     explicit = generate(plain, sampler="dpmpp", steps=10, context=context, seed=1,
                         sampler_options={"lambda_min_clipped": -3.0})
     np.testing.assert_array_equal(got.samples, explicit.samples)
-    # Explicit options win; another sampler ignores the recommendation.
     overridden = generate(model, sampler="dpmpp", steps=10, context=context, seed=1, sampler_options={})
     assert overridden.timesteps[0] == 49
     ddim = generate(model, sampler="ddim", steps=10, context=context, seed=1)
-    np.testing.assert_array_equal(ddim.timesteps, generate(plain, sampler="ddim", steps=10, context=context,
-                                                           seed=1).timesteps)
+    ddim_unclipped = generate(plain, sampler="ddim", steps=10, context=context, seed=1,
+                              sampler_options={"clip_sample": False})
+    ddim_default = generate(plain, sampler="ddim", steps=10, context=context, seed=1)
+    np.testing.assert_array_equal(ddim.samples, ddim_unclipped.samples)
+    assert not np.array_equal(ddim.samples, ddim_default.samples)
+    # no options recommended for ddpm: its diffusers defaults
+    np.testing.assert_array_equal(generate(model, sampler="ddpm", steps=10, context=context, seed=1).samples,
+                                  generate(plain, sampler="ddpm", steps=10, context=context, seed=1).samples)
