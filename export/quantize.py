@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-CALIBRATION_IMAGES = 256  # the issue asks for at least 256
+CALIBRATION_IMAGES = 1024  # the issue asks for at least 256; 1024 measured closer to fp32 (see quantize_int8)
 CALIBRATION_BATCH = 32
 
 
@@ -152,6 +152,7 @@ class CalibrationReader(CalibrationDataReader):
 
 
 INT8_ACTIVATIONS = ("u8", "s8")
+CONV_OPS = ("Conv", "ConvTranspose")
 
 
 def quantize_int8(model: onnx.ModelProto, reader: CalibrationDataReader, activations: str = "u8") -> onnx.ModelProto:
@@ -159,6 +160,12 @@ def quantize_int8(model: onnx.ModelProto, reader: CalibrationDataReader, activat
 
     MinMax because Percentile (99.999) and Entropy calibration measured no better on this
     model (relative RMS 0.022 and 0.020 against 0.020) and take three times as long.
+
+    Only convolutions are quantized (they hold nearly all the FLOPs), and the first and the
+    last stay in float32: the input conv sees the raw x_t and the output conv writes eps, whose
+    errors classifier-free guidance then multiplies. On the shipped model (mdx-eval, DPM-Solver++
+    20 steps, guidance 3, n = 450) this took int8's FD from 23% above fp32 (everything quantized,
+    256 calibration images) to 2% above (convs only, first/last float, 1024 images).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -175,6 +182,7 @@ def quantize_int8(model: onnx.ModelProto, reader: CalibrationDataReader, activat
         root.setLevel(logging.ERROR)  # the quantizer logs a warning per 1-D weight it keeps per-tensor
         try:
             quant_pre_process(str(fp32), str(pre))
+            convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in CONV_OPS]  # graph order
             quantize_static(
                 str(pre), str(out), reader,
                 quant_format=QuantFormat.QDQ,
@@ -182,6 +190,8 @@ def quantize_int8(model: onnx.ModelProto, reader: CalibrationDataReader, activat
                 activation_type=activation_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=list(CONV_OPS),
+                nodes_to_exclude=[convs[0], convs[-1]] if len(convs) > 2 else [],
             )
         finally:
             root.setLevel(level)
