@@ -1,0 +1,270 @@
+"""Suite (a), CPU: one network evaluation per batch size, every backend interleaved.
+
+Backends (each a `Backend`: a name, how to build a callable for a batch, record fields):
+
+    torch eager        model(x, t, c) under torch.inference_mode()
+    torch.compile      torch.compile(model, dynamic=False): one compile per batch size, whose
+                       time (the first call minus an eager call) is reported as compile_s
+    onnxruntime fp32 / fp16 / int8   the exported files in an OnnxDenoiser session on the CPU
+                       provider, called through its reused IO binding (`binding(batch).run()`,
+                       no copies): exactly what the runtime's sampling loop does
+
+All backends of one batch size take turns (A B C ... A B C ...): warm-up round, a calibration
+call that sets how many calls make one timed repeat (~`target_s`), then the timed repeats.
+torch and ONNX Runtime both get `threads` threads (= the machine's cores).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from mdx.bench.memory import _inputs, measure_peak_rss
+from mdx.bench.records import make_record
+from mdx.bench.roofline import achieved_gflops, peak_share
+from mdx.bench.timing import InterleavedTimer, calibrate_number
+
+BATCHES = (1, 8, 32, 128)
+# The order the batch sizes run in: the targets' sizes first, so a tight time budget (a busy
+# machine) drops batch 8 rather than 128.
+RUN_ORDER = (1, 128, 32, 8)
+CPU = "CPUExecutionProvider"
+PAUSE_S = 0.01  # idle gap before each timed repeat: lets the other side's spinning threads sleep
+
+
+@dataclass
+class Backend:
+    key: str  # unique label, e.g. "onnxruntime fp32"
+    backend: str  # "torch" | "onnxruntime"
+    provider: str
+    precision: str
+    variant: str
+    network: str
+    make: Callable[[int], Callable[[], object]]  # batch -> zero-argument call
+    extra: dict = field(default_factory=dict)
+    per_batch: dict = field(default_factory=dict)  # batch -> extra fields (compile_s ...)
+    skipped: str | None = None
+
+
+# --- backends ----------------------------------------------------------------------------
+
+
+def torch_eager_backend(net) -> Backend:
+    import torch
+
+    model = net.torch_model
+
+    def make(batch: int):
+        x, t, c = (torch.from_numpy(a) for a in _inputs(batch, net.sample_shape, net.num_classes,
+                                                         net.num_train_timesteps))
+
+        def call():
+            with torch.inference_mode():
+                return model(x, t, c)
+        return call
+
+    return Backend("torch eager", "torch", "cpu", "fp32", "eager", net.name, make)
+
+
+def torch_compile_backend(net, compile_batches, budget=None, log=print) -> Backend:
+    """torch.compile (inductor, default mode); compile time per batch size in per_batch[b]["compile_s"]."""
+    import torch
+
+    be = Backend("torch.compile", "torch", "cpu", "fp32", "compile", net.name, make=None)  # type: ignore[arg-type]
+    try:
+        compiled = torch.compile(net.torch_model, dynamic=False)
+    except Exception as e:  # noqa: BLE001 -- e.g. an unsupported Python; the record says why
+        be.skipped = f"torch.compile unavailable: {type(e).__name__}: {e}"
+        return be
+    model = net.torch_model
+
+    def make(batch: int):
+        if batch not in compile_batches:
+            raise SkipItem("quick suite: torch.compile is measured at batch "
+                           f"{', '.join(map(str, sorted(compile_batches)))} only (each batch size is a "
+                           "fresh ~35 s compile on 2 cores)")
+        if budget is not None and not budget.allows(90):
+            raise SkipItem(budget.reason(f"compiling for batch {batch}", 90))
+        x, t, c = (torch.from_numpy(a) for a in _inputs(batch, net.sample_shape, net.num_classes,
+                                                         net.num_train_timesteps))
+        with torch.inference_mode():
+            model(x, t, c)
+            t0 = time.perf_counter()
+            model(x, t, c)
+            eager_s = time.perf_counter() - t0
+            log(f"  torch.compile: compiling for batch {batch} ...")
+            t0 = time.perf_counter()
+            try:
+                compiled(x, t, c)
+            except Exception as e:  # noqa: BLE001 -- no C++ compiler, inductor bug ...: recorded
+                raise SkipItem(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+            first_s = time.perf_counter() - t0
+        be.per_batch[batch] = {"compile_s": round(max(first_s - eager_s, 0.0), 2)}
+        log(f"  torch.compile: batch {batch} compiled in {be.per_batch[batch]['compile_s']:.1f} s")
+
+        def call():
+            with torch.inference_mode():
+                return compiled(x, t, c)
+        return call
+
+    be.make = make
+    return be
+
+
+def onnx_backend(net, precision: str, threads: int, label: str | None = None) -> Backend:
+    from mdx.runtime.session import OnnxDenoiser
+
+    path = net.onnx[precision]
+    den = OnnxDenoiser.load(path, provider=CPU, threads=threads)
+
+    def make(batch: int):
+        bound = den.binding(batch)
+        x, t, c = _inputs(batch, net.sample_shape, net.num_classes, net.num_train_timesteps)
+        bound.sample[...] = x
+        bound.timestep[...] = t
+        bound.context[...] = c
+        return bound.run
+
+    return Backend(label or f"onnxruntime {precision}", "onnxruntime", CPU, precision, "io_binding", net.name, make,
+                   extra={"model_file": path.name})
+
+
+class SkipItem(Exception):
+    """A backend cannot run one batch size; the message is the record's `skipped` reason."""
+
+
+# --- the suite ---------------------------------------------------------------------------
+
+
+def _estimate_call(last: tuple[int, float] | None, batch: int, flops_per_image: float | None,
+                   peak_gflops: float | None) -> float:
+    """Seconds one call at `batch` should take, from the last batch measured on that backend:
+    the extra images at the rate achieved there, but at least a quarter of the matmul peak
+    (small batches are overhead-bound, so their rate understates large ones)."""
+    if last is None:
+        return 0.002 * batch  # ~0.3 GFLOP per image at 150 GFLOP/s
+    b0, t0 = last
+    if batch <= b0 or not flops_per_image:
+        return t0 * max(batch / b0, 1.0) if batch > b0 else t0
+    rate = flops_per_image * b0 / t0  # FLOP/s achieved at b0
+    if peak_gflops:
+        rate = max(rate, 0.25 * peak_gflops * 1e9)
+    return t0 + flops_per_image * (batch - b0) / rate
+
+
+
+def memory_specs(net, threads: int, batches, include_compile: bool) -> dict[str, dict]:
+    """Fresh-process peak-RSS specs, keyed like the backends."""
+    specs = {}
+    if net.torch_model is not None and getattr(net, "checkpoint", None) is not None:
+        specs["torch eager"] = {"kind": "torch", "checkpoint": str(net.checkpoint), "threads": threads,
+                                "batches": list(batches)}
+        if include_compile:
+            specs["torch.compile"] = {**specs["torch eager"], "kind": "torch.compile"}
+    for precision, path in net.onnx.items():
+        specs[f"onnxruntime {precision}"] = {"kind": "onnxruntime", "model": str(path), "threads": threads,
+                                             "batches": list(batches)}
+    return specs
+
+
+def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops: float | None,
+                batches=BATCHES, repeats: int = 5, target_s: float = 0.1, compile_batches=BATCHES,
+                with_compile: bool = True, measure_memory: bool = True, budget=None, log=print,
+                shipped=None) -> list[dict]:
+    """Records of suite (a) on the CPU for `net` (and the `shipped` network's ONNX files, if given)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    backends: list[Backend] = []
+    skipped: list[dict] = []
+    if net.torch_model is not None:
+        backends.append(torch_eager_backend(net))
+        if with_compile:
+            backends.append(torch_compile_backend(net, set(compile_batches), budget, log))
+    for precision in ("fp32", "fp16", "int8"):
+        if precision in net.onnx:
+            backends.append(onnx_backend(net, precision, threads))
+        else:
+            reason = next((n for n in net.notes if n.startswith(precision) or precision in n),
+                          f"no {precision} export")
+            skipped += [make_record("forward", "onnxruntime", CPU, precision, b, skipped=reason, variant="io_binding",
+                                    network=net.name) for b in batches]
+    shipped_flops = None
+    if shipped is not None:
+        for precision in shipped.onnx:
+            backends.append(onnx_backend(shipped, precision, threads, label=f"shipped {precision}"))
+        shipped_flops = getattr(shipped, "flops_per_image", None)
+
+    mem = {}
+    if measure_memory:
+        specs = memory_specs(net, threads, batches, include_compile=False)
+        if shipped is not None:
+            specs.update({f"shipped {p}": {"kind": "onnxruntime", "model": str(f), "threads": threads,
+                                           "batches": list(batches)} for p, f in shipped.onnx.items()})
+        for key, spec in specs.items():
+            if budget is not None and not budget.allows(30):
+                mem[key] = {"error": budget.reason("peak-RSS child", 30)}
+                continue
+            mem[key] = measure_peak_rss(spec)
+            log(f"  peak RSS {key}: " + (mem[key].get("error") or
+                                         ", ".join(f"b{b} {v:.0f} MB" for b, v in mem[key]["peak_rss_mb"].items())))
+
+    records = list(skipped)
+    for be in backends:
+        if be.skipped:
+            records += [make_record("forward", be.backend, be.provider, be.precision, b, skipped=be.skipped,
+                                    variant=be.variant, network=be.network) for b in batches]
+    live = [be for be in backends if not be.skipped]
+    measured: dict[str, tuple[int, float]] = {}  # backend -> (batch, median) of the last batch measured
+    order = [b for b in RUN_ORDER if b in batches] + [b for b in batches if b not in RUN_ORDER]
+    for batch in order:
+        expected = sum((repeats + 2) * max(target_s, _estimate_call(measured.get(be.key), batch,
+                                                                    flops_per_image, peak_gflops))
+                       for be in live)
+        if budget is not None and not budget.allows(expected):
+            reason = budget.reason(f"forward batch {batch}", expected)
+            records += [make_record("forward", be.backend, be.provider, be.precision, batch, skipped=reason,
+                                    variant=be.variant, network=be.network) for be in live]
+            continue
+        fns, number = {}, {}
+        for be in live:
+            try:
+                fns[be.key] = be.make(batch)
+            except SkipItem as e:
+                records.append(make_record("forward", be.backend, be.provider, be.precision, batch, skipped=str(e),
+                                           variant=be.variant, network=be.network))
+        for key, fn in fns.items():
+            fn()  # warm-up (the first call of a session or a shape allocates and picks kernels)
+        for key, fn in fns.items():
+            number[key] = calibrate_number(fn, target_s)
+        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=PAUSE_S).run(fns, number)
+        for be in live:
+            if be.key not in stats:
+                continue
+            st = stats[be.key]
+            measured[be.key] = (batch, st.median_s)
+            is_shipped = be.key.startswith("shipped")
+            fpi = shipped_flops if is_shipped else flops_per_image
+            extra = {"variant": be.variant, "network": be.network, "threads": threads, **be.extra,
+                     **be.per_batch.get(batch, {})}
+            if fpi:
+                g = achieved_gflops(fpi, batch, st.median_s)
+                extra.update(gflops=round(g, 2), peak_share=(round(peak_share(g, peak_gflops), 4)
+                                                             if peak_gflops else None), flops_per_image=fpi)
+            m = mem.get(be.key)
+            if m is not None:
+                if "error" in m:
+                    extra["peak_mem_note"] = m["error"]
+                else:
+                    extra["peak_mem_mb"] = round(m["peak_rss_mb"][str(batch)], 1)
+                    extra["peak_mem_kind"] = "peak RSS (VmHWM) of a fresh process running only this backend"
+                    extra["import_rss_mb"] = round(m.get("import_rss_mb", 0.0), 1)
+            elif be.variant == "compile":
+                extra["peak_mem_note"] = "not measured (a fresh process would recompile for every batch size)"
+            records.append(make_record("forward", be.backend, be.provider, be.precision, batch, stats=st, **extra))
+        summary = ", ".join(f"{k} {stats[k].median_s * 1e3:.2f} ms" for k in stats)
+        log(f"  forward batch {batch}: {summary}")
+    return records
