@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 import click
+from typing import NoReturn
+
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 
 PROG = "mdx-bench"
 QUICK_BUDGET_S = 280.0  # the promise is 5 minutes; keep 20 s for writing the report
@@ -36,32 +39,12 @@ class BenchError(ValueError):
     """A bad command-line value; one line."""
 
 
-def _fail(message: str, code: int = 2):
-    click.echo(f"{PROG}: error: {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
+def _fail(message: str, code: int = 2) -> NoReturn:
+    fail(PROG, message, code)
 
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
-
-
-class OneLineErrors(click.Command):
-    """Every error a user can cause -> one line on stderr and exit code 2, never a traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        except click.ClickException as e:
-            _fail(e.format_message())
-        except BenchError as e:
-            _fail(str(e))
-        code = rv if isinstance(rv, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
 
 
 # --- checks before anything runs ----------------------------------------------------------------
@@ -338,7 +321,7 @@ def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: 
 # --- the command --------------------------------------------------------------------------------
 
 
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command(PROG, (BenchError,)), context_settings=CONTEXT_SETTINGS)
 @click.option("--quick", is_flag=True, help="The quick suite (< 5 minutes on 2 cores): fewer sizes and configurations.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="Which device's suites to run (CUDA items skip with a reason where CUDA cannot run).")

@@ -8,36 +8,22 @@ unless it validated.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
+from typing import NoReturn
+
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 
 from mdx.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, ExportFailure, export_checkpoint, max_opset
 from mdx.export.validate import ValidationError
 
 
-def _fail(msg: str, code: int) -> None:
-    click.echo(f"mdx-export: error: {msg}", err=True)
-    sys.exit(code)
+def _fail(msg: str, code: int) -> NoReturn:
+    fail("mdx-export", msg, code, one_line=False)  # a validation failure prints its table
 
 
-class _OneLineErrors(click.Command):
-    """Click's own usage errors (a bad --precision, a missing argument) as one line too."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as e:
-            _fail(e.format_message(), e.exit_code)
-        except click.Abort:
-            _fail("interrupted (no file written)", 130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command("mdx-export", interrupted="interrupted (no file written)"), context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="FILE.onnx",
               help="Output file [default: models/<run-folder-name>[-fp16|-int8].onnx].")

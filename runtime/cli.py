@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import click
+from typing import NoReturn
+
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 
 import mdx.runtime
 from mdx.runtime.images import (OutputError, check_writable, grid_columns, output_kind, save_folder,
@@ -119,34 +122,11 @@ def _info(message: str) -> None:
 # --- the command ----------------------------------------------------------------------
 
 
-class OneLineErrors(click.Command):
-    """Every error a user can cause -> one line on stderr and exit code 2, never a traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            _fail("interrupted", 130)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except click.ClickException as e:
-            _fail(e.format_message())
-        except (UsageError, *USER_ERRORS) as e:
-            _fail(str(e))
-        code = rv if isinstance(rv, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
+def _fail(message: str, code: int = 2) -> NoReturn:
+    fail(PROG, message, code)
 
 
-def _fail(message: str, code: int = 2):
-    message = " ".join(message.split())  # one line, whatever the source
-    click.echo(f"{PROG}: error: {message}", err=True)
-    sys.exit(code)
-
-
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command(PROG, (UsageError, *USER_ERRORS)), context_settings=CONTEXT_SETTINGS)
 @click.option("--model", metavar="FILE", default=None,
               help="ONNX model (default: $MDX_MODEL, ./models/emoji16.onnx, then the repository's models/emoji16.onnx).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,

@@ -47,6 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from typing import NoReturn
+
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
@@ -477,9 +480,8 @@ def format_report(result: dict) -> str:
 # --- the command ----------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2):
-    click.echo(f"{PROG}: error: {' '.join(message.split())}", err=True)
-    sys.exit(code)
+def _fail(message: str, code: int = 2) -> NoReturn:
+    fail(PROG, message, code)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -491,26 +493,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (EvalError, ModelError, PipelineError, SamplerError, ScheduleError)
 
 
-class OneLineErrors(click.Command):
-    """Every error a user can cause -> one line on stderr and exit code 2, never a traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        except click.ClickException as e:
-            _fail(e.format_message())
-        except _user_errors() as e:
-            _fail(str(e))
-        code = rv if isinstance(rv, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command(PROG, _user_errors), context_settings=CONTEXT_SETTINGS)
 @click.argument("samples", required=False, metavar="[SAMPLES.npz]")
 @click.option("--model", metavar="FILE", default=None, help="Sample this mdx ONNX model and score the samples.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,

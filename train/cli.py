@@ -5,35 +5,18 @@ from __future__ import annotations
 import sys
 
 import click
+from typing import NoReturn
+
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 
 TRAIN_EXTRA_HINT = "mdx-train needs the training extra: pip install 'microdiffusion[train]'"
 
 
-def _fail(msg: str) -> None:
-    msg = " ".join(str(msg).split())  # one line, whatever the source
-    click.echo(f"mdx-train: error: {msg}", err=True)
-    sys.exit(2)
+def _fail(msg: str) -> NoReturn:
+    fail("mdx-train", msg)
 
 
-class _OneLineErrors(click.Command):
-    """click's own usage errors (a bad --schedule choice, a non-integer) -> one line, exit 2."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args=args, prog_name=prog_name or "mdx-train", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("mdx-train: interrupted", err=True)
-            sys.exit(130)
-        except click.ClickException as e:
-            _fail(e.format_message())
-        code = rv if isinstance(rv, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command("mdx-train"), context_settings=CONTEXT_SETTINGS)
 @click.option("--data", default="emoji16", show_default=True,
               help="emoji16 (shipped), an .npz (images, labels, class_names), the course's sprites .npy, "
                    "or a folder with one sub-folder per class.")
