@@ -7,7 +7,6 @@ timestep index inside, and reject a bad ModelConfig with a ValueError.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from mdx.train.model import ContextUnet, ModelConfig, count_parameters
 DEFAULT_PARAMS = 1_481_027
 DEFAULT_GFLOP = 0.30
 GFLOP_RTOL = 0.02
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Two cores are shared with a long training run: stay on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(seed: int = 0, **overrides: int) -> ContextUnet:

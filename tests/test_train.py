@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +42,6 @@ REFERENCE_ATOL = 1e-5
 # ... and vs diffusers' own scheduler, whose betas and alphas_cumprod are float32: over 50 DDPM
 # steps that rounding alone moves samples by up to ~7e-5 (observed; 0.0 with float64 coefficients).
 REFERENCE_FLOAT32_ATOL = 2e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Two cores are shared with a long training run: stay on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- helpers -------------------------------------------------------------------------------

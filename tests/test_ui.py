@@ -21,6 +21,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 onnx = pytest.importorskip("onnx")
 
+import runtime_helpers as h  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from mdx.runtime import ui  # noqa: E402
 from mdx.runtime.pipeline import PipelineError  # noqa: E402
@@ -98,15 +99,7 @@ def write_contract_model(path: Path, *, recommended: dict | None = None, size: i
 def write_classifier(path: Path) -> Path:
     """A valid ONNX model with classifier metadata but no mdx.format, like
     models/emoji16-classifier.onnx."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "identity",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = onnx.load(str(h.write_wrong_signature_model(path)))
     for key, value in {"mdx.classifier.format": "1", "mdx.classes": json.dumps(list(CLASSES))}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
