@@ -231,7 +231,7 @@ def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: 
                                 "network is measured")
     if cpu_on:
         _log("roofline: fp32 matmul peak ...")
-        res.doc["roofline"]["cpu_peak"] = peak = measure_matmul_peak(threads, n=512 if smoke else 2048, repeats=5)
+        res.doc["roofline"]["cpu_peak"] = peak = measure_matmul_peak(threads, n=512 if smoke else 2048)
         _log(f"  peak {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_backend']}); " +
              ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops"].items()))
     res.save()

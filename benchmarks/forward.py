@@ -4,19 +4,23 @@ Backends (each a `Backend`: a name, how to build a callable for a batch, record 
 
     torch eager        model(x, t, c) under torch.inference_mode()
     torch.compile      torch.compile(model, dynamic=False): one compile per batch size, whose
-                       time (the first call minus an eager call) is reported as compile_s
+                       time (the first call minus an eager call, inductor's on-disk caches
+                       off, so it is a cold compile every run) is reported as compile_s
     onnxruntime fp32 / fp16 / int8   the exported files in an OnnxDenoiser session on the CPU
                        provider, called through its reused IO binding (`binding(batch).run()`,
                        no copies): exactly what the runtime's sampling loop does
 
-All backends of one batch size take turns (A B C ... A B C ...): warm-up round, a calibration
-call that sets how many calls make one timed repeat (~`target_s`), then the timed repeats.
-torch and ONNX Runtime both get `threads` threads (= the machine's cores).
+All backends of one batch size take turns (A B C ... A B C ...): a warm-up call each, three
+calibration calls that size a timed repeat (~`target_s` of back-to-back calls, from the fastest
+of the three), then the timed repeats, each after a 50 ms idle gap (timing.py says why). Batch
+sizes run 1, 128, 32, 8 so that a tight budget drops the size no target needs. torch and ONNX
+Runtime both get `threads` threads (= the machine's cores).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,7 +36,7 @@ BATCHES = (1, 8, 32, 128)
 # machine) drops batch 8 rather than 128.
 RUN_ORDER = (1, 128, 32, 8)
 CPU = "CPUExecutionProvider"
-PAUSE_S = 0.01  # idle gap before each timed repeat: lets the other side's spinning threads sleep
+PAUSE_S = 0.05  # idle gap before each timed repeat: lets the other side's spinning threads sleep (timing.py)
 
 
 @dataclass
@@ -98,11 +102,16 @@ def torch_compile_backend(net, compile_batches, budget=None, log=print) -> Backe
             log(f"  torch.compile: compiling for batch {batch} ...")
             t0 = time.perf_counter()
             try:
-                compiled(x, t, c)
+                # Inductor's on-disk caches off: the figure is a cold compile, the same on every
+                # run, not a cache load left behind by an earlier run.
+                with _inductor_caches_off(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "dynamo_pgo force disabled by force_disable_caches"
+                    compiled(x, t, c)
             except Exception as e:  # noqa: BLE001 -- no C++ compiler, inductor bug ...: recorded
                 raise SkipItem(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
             first_s = time.perf_counter() - t0
-        be.per_batch[batch] = {"compile_s": round(max(first_s - eager_s, 0.0), 2)}
+        be.per_batch[batch] = {"compile_s": round(max(first_s - eager_s, 0.0), 2),
+                               "compile_note": "cold compile (inductor caches disabled), first call minus an eager call"}
         log(f"  torch.compile: batch {batch} compiled in {be.per_batch[batch]['compile_s']:.1f} s")
 
         def call():
@@ -112,6 +121,17 @@ def torch_compile_backend(net, compile_batches, budget=None, log=print) -> Backe
 
     be.make = make
     return be
+
+
+def _inductor_caches_off():
+    import contextlib
+
+    try:
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(force_disable_caches=True)
+    except (ImportError, AttributeError, RuntimeError):  # an older torch: compile with its defaults
+        return contextlib.nullcontext()
 
 
 def onnx_backend(net, precision: str, threads: int, label: str | None = None) -> Backend:

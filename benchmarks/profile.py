@@ -88,9 +88,28 @@ def ort_profile(model_path, batch: int, threads: int, runs: int = 5) -> dict:
 # --- torch ----------------------------------------------------------------------------------------
 
 
+class _stderr_muted:
+    """Point file descriptor 2 at /dev/null for a moment (C++ libraries write there directly)."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+        return False
+
+
+
 def torch_profile(model, sample_shape, num_classes: int, T: int, batch: int, threads: int, runs: int = 5) -> dict:
     """aten operators by self CPU time over `runs` forward passes (after one warm-up)."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's own start/stop chatter on stderr
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -102,9 +121,15 @@ def torch_profile(model, sample_shape, num_classes: int, T: int, batch: int, thr
         for _ in range(runs):
             model(x, t, c)
         plain_ms = (time.perf_counter() - t0) / runs * 1e3
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _stderr_muted():  # kineto prints its start/stop and CUDA probing to fd 2
+            prof = profile(activities=[ProfilerActivity.CPU])
+            prof.__enter__()
+        try:
             for _ in range(runs):
                 model(x, t, c)
+        finally:
+            with _stderr_muted():
+                prof.__exit__(None, None, None)
     rows = []
     total_self = 0.0
     calls = 0

@@ -172,7 +172,7 @@ def machine_section(results: dict) -> str:
     rf = results.get("roofline", {})
     if rf.get("cpu_peak"):
         p = rf["cpu_peak"]
-        lines.append(f"- fp32 matmul peak ({p['n']}^3, {p['threads']} threads): "
+        lines.append(f"- fp32 matmul peak ({', '.join(f'{n}^3' for n in p.get('sizes', [p['n']]))}, {p['threads']} threads): "
                      + ", ".join(f"{k} {g:.0f}" for k, g in p["gflops"].items())
                      + f" GFLOP/s -> peak {p['peak_gflops']:.0f} GFLOP/s ({p['peak_backend']})")
     if rf.get("gpu_peak"):

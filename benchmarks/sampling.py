@@ -199,7 +199,7 @@ def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, 
         for d in (den, den8):
             if d is not None:
                 d.binding(mb).run()
-        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.01).run(fns)
+        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.05).run(fns)
         diff = float(np.max(np.abs(results["torch"] - results["onnxruntime fp32"])))
         records.append(make_record("sampling", "torch", "cpu", "fp32", cfg.batch, stats=stats["torch"],
                                    implementation=torch_impl, **fields))

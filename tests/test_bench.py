@@ -376,3 +376,9 @@ def test_load_monitor_reports_a_summary():
     time.sleep(0.2)
     out = mon.stop()
     assert out["samples"] >= 1 and out["other_cpu_percent_mean"] >= 0
+
+
+def test_calibrate_number_sizes_from_the_fastest_of_three_calls():
+    clock = FakeClock()
+    times = iter([0.040, 0.002, 0.003])
+    assert calibrate_number(lambda: clock.advance(next(times)), 0.05, clock=clock) == 25
