@@ -12,7 +12,9 @@ Backends (each a `Backend`: a name, how to build a callable for a batch, record 
 
 All backends of one batch size take turns (A B C ... A B C ...): a warm-up call each, three
 calibration calls that size a timed repeat (~`target_s` of back-to-back calls, from the fastest
-of the three), then the timed repeats, each after a 50 ms idle gap (timing.py says why). Batch
+of the three), then the timed repeats, each after a 50 ms idle gap and one untimed call of the
+same side (timing.py says why: the gap stops the other side's spinning threads, the call wakes
+this side's own). Batch
 sizes run 1, 128, 32, 8 so that a tight budget drops the size no target needs. torch and ONNX
 Runtime both get `threads` threads (= the machine's cores).
 """
@@ -241,7 +243,7 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
     measured: dict[str, tuple[int, float]] = {}  # backend -> (batch, median) of the last batch measured
     order = [b for b in RUN_ORDER if b in batches] + [b for b in batches if b not in RUN_ORDER]
     for batch in order:
-        expected = sum((repeats + 2) * max(target_s, _estimate_call(measured.get(be.key), batch,
+        expected = sum((repeats + 4) * max(target_s, _estimate_call(measured.get(be.key), batch,
                                                                     flops_per_image, peak_gflops))
                        for be in live)
         if budget is not None and not budget.allows(expected):
@@ -260,7 +262,8 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
             fn()  # warm-up (the first call of a session or a shape allocates and picks kernels)
         for key, fn in fns.items():
             number[key] = calibrate_number(fn, target_s)
-        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=PAUSE_S).run(fns, number)
+        # before: one untimed call right before each timed repeat (after the pause), see timing.py
+        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=PAUSE_S).run(fns, number, before=fns)
         for be in live:
             if be.key not in stats:
                 continue

@@ -16,8 +16,9 @@ each record is the largest difference between the two sides' final samples, a ch
 the comparison is like for like. With guidance s != 1 both sides run the conditional and
 unconditional halves as one batch of 2n (`model_batch`).
 
-Warm-up: one network evaluation at the run's batch size on each side before timing (a whole
-extra run would double the suite's time; a sampling run's later steps are warm anyway).
+Warm-up: one network evaluation at the run's batch size on each side before timing, and one
+right before every timed run, after the 50 ms idle gap that lets the other side's spinning
+threads stop (timing.py); a whole extra run would double the suite's time.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _torch_side(net, cfg: Config, steps: int, context: np.ndarray):
 def estimate_seconds(cfg: Config, steps: int, per_call: dict[str, callable], repeats: int) -> float:
     """Expected wall time of one comparison from the forward suite's per-call estimates."""
     mb = cfg.batch * (2 if cfg.guidance != 1.0 else 1)
-    return sum(f(mb) for f in per_call.values()) * steps * (repeats + 0.2)
+    return sum(f(mb) for f in per_call.values()) * (steps + 1) * (repeats + 0.2)
 
 
 def forward_cost_model(forward_records: list[dict], network: str) -> dict[str, callable]:
@@ -192,14 +193,19 @@ def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, 
         fns = {"torch": side("torch", torch_run), "onnxruntime fp32": side("onnxruntime fp32", ort_run(den))}
         if den8 is not None:
             fns["onnxruntime int8"] = side("onnxruntime int8", ort_run(den8))
-        # warm-up: one network evaluation at this batch on each side
-        with torch.inference_mode():
-            xs = torch.zeros((mb, *net.sample_shape))
-            net.torch_model(xs, torch.zeros(mb), torch.zeros((mb, net.num_classes)))
-        for d in (den, den8):
-            if d is not None:
-                d.binding(mb).run()
-        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.05).run(fns)
+        # warm-up: one network evaluation at this batch on each side, before the first timed run
+        # and again right before every timed run (after the idle gap: it wakes that side's threads)
+        xs, ts_, cs = torch.zeros((mb, *net.sample_shape)), torch.zeros(mb), torch.zeros((mb, net.num_classes))
+
+        def torch_warm():
+            with torch.inference_mode():
+                net.torch_model(xs, ts_, cs)
+        warm = {"torch": torch_warm, "onnxruntime fp32": den.binding(mb).run}
+        if den8 is not None:
+            warm["onnxruntime int8"] = den8.binding(mb).run
+        for w in warm.values():
+            w()
+        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.05).run(fns, before=warm)
         diff = float(np.max(np.abs(results["torch"] - results["onnxruntime fp32"])))
         records.append(make_record("sampling", "torch", "cpu", "fp32", cfg.batch, stats=stats["torch"],
                                    implementation=torch_impl, **fields))

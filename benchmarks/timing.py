@@ -113,8 +113,8 @@ class InterleavedTimer:
 
     def run(self, fns: Mapping[str, Callable[[], object]], number: Mapping[str, int] | int = 1,
             before: Mapping[str, Callable[[], object]] | None = None) -> dict[str, Stats]:
-        """Per-call Stats for each function. `before[name]`, if given, runs untimed before each
-        repeat of `name` (e.g. to reset a buffer)."""
+        """Per-call Stats for each function. `before[name]`, if given, runs untimed right before
+        each timed repeat of `name`, after the pause (a warm-up call, or resetting a buffer)."""
         names = list(fns)
         if not names:
             return {}
@@ -134,8 +134,6 @@ class InterleavedTimer:
         for _ in range(self.repeats):
             for name in names:
                 fn, n = fns[name], counts[name]
-                if name in before:
-                    before[name]()
                 if self.pause_s > 0:
                     # Worker threads keep spinning for a while after a call (ONNX Runtime's
                     # intra-op pool for 10-50 ms on these machines); an idle gap lets the
@@ -143,6 +141,11 @@ class InterleavedTimer:
                     # from the side being timed (on 2 cores torch's next batch-1 forward took
                     # ~4x longer after a 10 ms gap than after 50 ms).
                     self.sleep(self.pause_s)
+                if name in before:
+                    # ...and then this side's own threads are asleep too: an untimed call wakes
+                    # them, so the timed calls see the library as a loop of calls sees it
+                    # (after the gap, an int8 forward at batch 32 took ~40 ms instead of ~24).
+                    before[name]()
                 t0 = self.clock()
                 for _ in range(n):
                     fn()

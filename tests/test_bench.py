@@ -81,9 +81,10 @@ def test_interleaved_timer_sync_inside_the_timed_region_and_pause_outside():
     events = []
     timer = InterleavedTimer(repeats=3, warmup=0, clock=clock, sync=lambda: (events.append("sync"), clock.advance(1.0)),
                              pause_s=0.5, sleep=lambda s: (events.append("pause"), clock.advance(100.0)))
-    stats = timer.run({"A": lambda: clock.advance(1.0)})
-    assert stats["A"].median_s == pytest.approx(2.0)  # the call and the sync, never the pause
-    assert events == ["pause", "sync"] * 3
+    stats = timer.run({"A": lambda: clock.advance(1.0)},
+                      before={"A": lambda: (events.append("warm"), clock.advance(50.0))})
+    assert stats["A"].median_s == pytest.approx(2.0)  # the call and the sync, never the pause or the warm call
+    assert events == ["pause", "warm", "sync"] * 3  # the warm-up call comes after the idle gap
 
 
 def test_interleaved_timer_three_sides_round_robin():
