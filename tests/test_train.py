@@ -32,7 +32,7 @@ from mdx.train import checkpoint as ckpt
 from mdx.train.cli import TRAIN_EXTRA_HINT, main
 from mdx.train.model import ContextUnet, ModelConfig
 from mdx.train.reference import leading_timesteps, sample_reference
-from mdx.train.trainer import TrainConfig, ema_update, lr_at
+from mdx.train.trainer import ClassBalancedSampler, TrainConfig, build_run, ema_update, lr_at
 
 PYTHON = sys.executable
 N_IMAGES, N_CLASSES, SIZE = 48, 3, 16
@@ -298,6 +298,9 @@ BAD_OPTIONS = {
     "batch size 0": (["--batch-size", "0"], "--batch-size"),
     "not an integer": (["--max-steps", "many"], "--max-steps"),
     "resume nothing": (["--resume"], "no checkpoint to resume"),
+    "class balance above 1": (["--class-balance", "1.5"], "--class-balance"),
+    "class balance negative": (["--class-balance", "-0.1"], "--class-balance"),
+    "init-from nothing": (["--init-from", "/nonexistent/run"], "--init-from"),
 }
 
 
@@ -535,3 +538,82 @@ def test_ema_update_math() -> None:
     ema_update(ema, model, decay=0.0)  # decay 0: the EMA becomes the model
     for e, m in zip(ema.parameters(), model.parameters()):
         assert torch.equal(e, m)
+
+
+# --- (i) class-balanced data order and fine-tuning ----------------------------------------------
+
+
+def draw_shares(labels: np.ndarray, power: float, epochs: int = 200) -> np.ndarray:
+    sampler = ClassBalancedSampler(labels, power, seed=0)
+    drawn = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        drawn += list(iter(sampler))
+    return np.bincount(labels[np.array(drawn)], minlength=labels.max() + 1) / len(drawn)
+
+
+def test_class_balanced_sampler_shares() -> None:
+    """A class's share of the draws is proportional to count ** (1 - power)."""
+    counts = np.array([64, 16, 4])
+    labels = np.repeat(np.arange(3), counts)
+    for power in (0.0, 0.5, 1.0):
+        want = counts ** (1 - power) / (counts ** (1 - power)).sum()
+        np.testing.assert_allclose(draw_shares(labels, power), want, atol=0.02, err_msg=f"power {power}")
+
+
+def test_class_balanced_sampler_is_seeded_by_epoch_and_shards_by_rank() -> None:
+    labels = np.repeat(np.arange(3), [30, 6, 3])
+    a, b = ClassBalancedSampler(labels, 0.5, seed=7), ClassBalancedSampler(labels, 0.5, seed=7)
+    a.set_epoch(3), b.set_epoch(3)
+    assert list(iter(a)) == list(iter(b)) and len(list(iter(a))) == len(a) == len(labels)
+    b.set_epoch(4)
+    assert list(iter(a)) != list(iter(b))  # a new epoch, a new order
+    ranks = [ClassBalancedSampler(labels, 0.5, num_replicas=2, rank=r, seed=7) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(3)
+    r0, r1 = (list(iter(r)) for r in ranks)
+    assert len(r0) == len(r1) == math.ceil(len(labels) / 2)
+    # Both ranks take turns through one sequence: interleaved, they are that sequence's draws.
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 3)
+    whole = torch.multinomial(ranks[0].weights, 2 * len(r0), replacement=True, generator=g).tolist()
+    assert whole[0::2] == r0 and whole[1::2] == r1
+
+
+def test_class_balance_run_trains(tmp_path: Path, data_npz: Path) -> None:
+    out = tmp_path / "balanced"
+    result = invoke(train_args(data_npz, out, max_steps=3, checkpoint_every=3, class_balance=1.0))
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert json.loads((out / "config.json").read_text())["train"]["class_balance"] == 1.0
+    assert checkpoint_step(out) == 3
+
+
+def test_init_from_starts_from_the_source_weights(tiny_run: tuple[Path, Result], data_npz: Path,
+                                                  tmp_path: Path) -> None:
+    source, _ = tiny_run
+    cfg = TrainConfig(data=str(data_npz), out=str(tmp_path / "ft"), n_feat=8, timesteps=50, batch_size=8,
+                      max_steps=2, threads=1, device="cpu", sample_every=0, init_from=str(source))
+    run = build_run(cfg, log=lambda m: None)
+    raw = read_tensors(source / ckpt.CKPT_DIR / "model.safetensors")
+    ema = read_tensors(source / ckpt.CKPT_DIR / "ema.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # so the test can tell them apart
+    for name, tensor in run.module.state_dict().items():
+        assert torch.equal(tensor, raw[name]), name
+    for name, tensor in run.ema.state_dict().items():
+        assert torch.equal(tensor, ema[name]), name
+    assert run.step == 0  # a fresh schedule, not a resume
+    # Through the CLI the run then trains and records where it started from.
+    result = invoke(train_args(data_npz, tmp_path / "ft-cli", max_steps=2, checkpoint_every=2,
+                               init_from=source))
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert json.loads((tmp_path / "ft-cli" / "config.json").read_text())["train"]["init_from"] == str(source)
+    assert "starting from the weights in" in result.stderr
+
+
+def test_init_from_another_network_is_one_line_exit_2(tiny_run: tuple[Path, Result], data_npz: Path,
+                                                      tmp_path: Path) -> None:
+    source, _ = tiny_run
+    out = tmp_path / "ft"
+    args = train_args(data_npz, out, init_from=source)
+    args[args.index("--n-feat") + 1] = "16"
+    assert_one_line_error(invoke(args), "different model")
+    assert not out.exists()

@@ -50,6 +50,12 @@ def _fail(msg: str) -> NoReturn:
 @click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
 @click.option("--sample-every", default=5, show_default=True, type=int,
               help="Epochs between EMA sample grids (0 = only at the end).")
+@click.option("--class-balance", default=0.0, show_default=True, type=float,
+              help="Show rare classes more often: an image is drawn with weight (1 / its class's count) ** P; "
+                   "0 keeps the data's mix, 1 shows every class equally often.")
+@click.option("--init-from", default=None,
+              help="Fine-tune: start the network and its EMA from this run folder, checkpoint folder or "
+                   "weights file (same network, schedule and classes), with a fresh optimiser and LR schedule.")
 @click.option("--telemetry", is_flag=True, help="Record GPU (NVML) or CPU/RSS figures to telemetry.csv/.png.")
 def main(**opts) -> None:
     """Train a class-conditional diffusion model (the course's ContextUnet).

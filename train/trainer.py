@@ -69,6 +69,8 @@ class TrainConfig:
     sample_every: int = 5
     telemetry: bool = False
     threads: int | None = None
+    class_balance: float = 0.0     # sampling weight of an image = (1 / its class's count) ** class_balance
+    init_from: str | None = None   # fine-tune: start model and EMA from this run/checkpoint's weights
 
     def validate(self) -> None:
         """Raise TrainError for an option no run could use."""
@@ -99,6 +101,9 @@ class TrainConfig:
             raise TrainError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.sample_every < 0:
             raise TrainError(f"--sample-every must be >= 0 (0 = never), got {self.sample_every}")
+        if not 0 <= self.class_balance <= 1:
+            raise TrainError(f"--class-balance must be in [0, 1] (0 = data order, 1 = classes equally often), "
+                             f"got {self.class_balance}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise TrainError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -175,6 +180,64 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         eb.copy_(mb)
 
 
+# --- data order ------------------------------------------------------------------------
+
+
+class ClassBalancedSampler:
+    """Per-epoch index order that shows rare classes more often (drawn with replacement).
+
+    An image of class k is drawn with probability proportional to count_k ** -power, so a
+    class's share of the draws is proportional to count_k ** (1 - power): power 0 is the
+    data's own mix, 1 shows every class equally often. An epoch is still len(data) draws,
+    seeded by (seed, epoch) so that resume replays it; under torchrun each rank takes
+    every world-th draw of the same sequence (padded to equal length), as
+    DistributedSampler does.
+    """
+
+    def __init__(self, labels: np.ndarray, power: float, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        counts = np.bincount(labels)
+        self.weights = torch.tensor(counts[labels].astype(np.float64) ** -power)
+        self.n, self.world, self.rank, self.seed, self.epoch = len(labels), num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(self.n / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        draws = torch.multinomial(self.weights, self.num_samples * self.world, replacement=True, generator=g)
+        return iter(draws[self.rank::self.world].tolist())
+
+
+def load_init_weights(source: str, run_config: dict, device: str) -> tuple[dict, dict, str]:
+    """The raw and EMA weights of another run (or checkpoint folder) to fine-tune from.
+
+    The network, schedule, classes and prediction type must match this run's; a weights
+    file alone has only one set of weights, which then starts both.
+    """
+    try:
+        ema_file = ckpt.resolve_weights_file(Path(source), "ema")
+        config = ckpt.read_safetensors_config(ema_file)
+        raw_file = ema_file.parent / ckpt.WEIGHTS["raw"]
+        if not raw_file.is_file() or ema_file.name != ckpt.WEIGHTS["ema"]:
+            raw_file = ema_file
+        from safetensors.torch import load_file
+
+        ema_state, raw_state = load_file(str(ema_file), device=device), load_file(str(raw_file), device=device)
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"--init-from: {e}") from None
+    except Exception as e:  # an unreadable file is the user's to see, in one line
+        raise TrainError(f"--init-from: cannot read {source} ({type(e).__name__}: {e})") from None
+    for key in ("model", "schedule", "class_names", "prediction_type"):
+        if config.get(key) != run_config[key]:
+            raise TrainError(f"--init-from: {source} has a different {key} ({config.get(key)!r}, "
+                             f"this run {run_config[key]!r}); pass the same network and schedule options")
+    return raw_state, ema_state, str(ema_file.parent)
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -210,7 +273,7 @@ class Run:
     steps_per_epoch: int
     sqrt_abar: torch.Tensor
     sqrt_one_minus_abar: torch.Tensor
-    sampler: DistributedSampler
+    sampler: DistributedSampler | ClassBalancedSampler
     step: int = 0
     flip: HorizontalFlip | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -273,8 +336,10 @@ class Run:
             self.scaler.update()
         else:
             self.optimizer.step()
-        # EMA warm-up (as in many DDPM codes): early on, follow the model more closely.
-        ema_update(self.ema, self.module, min(cfg.ema_decay, (1 + s) / (10 + s)))
+        # EMA warm-up (as in many DDPM codes): early on, follow the model more closely. A
+        # fine-tuning run starts from a trained EMA, which the warm-up would throw away.
+        decay = cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + s) / (10 + s))
+        ema_update(self.ema, self.module, decay)
         self.step += 1
         return float(loss.detach())
 
@@ -322,14 +387,23 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], No
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ContextUnet(mcfg).to(device)
     ema = ContextUnet(mcfg).to(device)
-    ema.load_state_dict(model.state_dict())
+    if cfg.init_from and not resume:
+        raw_state, ema_state, where = load_init_weights(cfg.init_from, run_config, device)
+        model.load_state_dict(raw_state)
+        ema.load_state_dict(ema_state)
+        log(f"starting from the weights in {where}")
+    else:
+        ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, C, H, W)
     labels = torch.from_numpy(data.labels.astype(np.int64))
-    sampler = DistributedSampler(range(len(images)), num_replicas=d.world, rank=d.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
+    if cfg.class_balance > 0:
+        sampler = ClassBalancedSampler(data.labels, cfg.class_balance, d.world, d.rank, cfg.seed)
+    else:
+        sampler = DistributedSampler(range(len(images)), num_replicas=d.world, rank=d.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=False)
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
