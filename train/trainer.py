@@ -212,6 +212,14 @@ class ClassBalancedSampler:
         return iter(draws[self.rank::self.world].tolist())
 
 
+RUN_IDENTITY = ("model", "schedule", "class_names", "prediction_type")  # what weights only fit together
+
+
+def first_difference(old: dict, new: dict) -> str | None:
+    """The first RUN_IDENTITY key on which two run configs differ, or None."""
+    return next((key for key in RUN_IDENTITY if old.get(key) != new[key]), None)
+
+
 def load_init_weights(source: str, run_config: dict, device: str) -> tuple[dict, dict, str]:
     """The raw and EMA weights of another run (or checkpoint folder) to fine-tune from.
 
@@ -222,19 +230,19 @@ def load_init_weights(source: str, run_config: dict, device: str) -> tuple[dict,
         ema_file = ckpt.resolve_weights_file(Path(source), "ema")
         config = ckpt.read_safetensors_config(ema_file)
         raw_file = ema_file.parent / ckpt.WEIGHTS["raw"]
-        if not raw_file.is_file() or ema_file.name != ckpt.WEIGHTS["ema"]:
-            raw_file = ema_file
         from safetensors.torch import load_file
 
-        ema_state, raw_state = load_file(str(ema_file), device=device), load_file(str(raw_file), device=device)
+        ema_state = load_file(str(ema_file), device=device)
+        paired = ema_file.name == ckpt.WEIGHTS["ema"] and raw_file.is_file()
+        raw_state = load_file(str(raw_file), device=device) if paired else ema_state
     except ckpt.CheckpointError as e:
         raise TrainError(f"--init-from: {e}") from None
     except Exception as e:  # an unreadable file is the user's to see, in one line
         raise TrainError(f"--init-from: cannot read {source} ({type(e).__name__}: {e})") from None
-    for key in ("model", "schedule", "class_names", "prediction_type"):
-        if config.get(key) != run_config[key]:
-            raise TrainError(f"--init-from: {source} has a different {key} ({config.get(key)!r}, "
-                             f"this run {run_config[key]!r}); pass the same network and schedule options")
+    key = first_difference(config, run_config)
+    if key is not None:
+        raise TrainError(f"--init-from: {source} has a different {key} ({config.get(key)!r}, "
+                         f"this run {run_config[key]!r}); pass the same network and schedule options")
     return raw_state, ema_state, str(ema_file.parent)
 
 
@@ -379,10 +387,10 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], No
     run_config = ckpt.make_run_config(mcfg, schedule, list(data.class_names), cfg.prediction_type, asdict(cfg))
     if resume:
         old = json.loads(config_file.read_text()) if config_file.is_file() else None
-        for key in ("model", "schedule", "class_names", "prediction_type"):
-            if old is not None and old.get(key) != run_config[key]:
-                raise TrainError(f"--resume: the run in {out} has a different {key} "
-                                 f"({old.get(key)!r}, now {run_config[key]!r})")
+        key = first_difference(old, run_config) if old is not None else None
+        if key is not None:
+            raise TrainError(f"--resume: the run in {out} has a different {key} "
+                             f"({old.get(key)!r}, now {run_config[key]!r})")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ContextUnet(mcfg).to(device)
