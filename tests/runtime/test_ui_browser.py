@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.browser,
 CHROMIUM = Path(os.environ.get("MDX_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "ui.png"
 TIMEOUT_MS = 30_000
 
 if not CHROMIUM.is_file():
