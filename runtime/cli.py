@@ -27,11 +27,11 @@ from mdx.runtime.images import (OutputError, check_writable, grid_columns, outpu
 from mdx.runtime.pipeline import PipelineError, build_context, generate, prepare_sampler
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import SCHEDULES, ScheduleError
-from mdx.runtime.session import PREDICTION_TYPES, ModelError, OnnxDenoiser
+from mdx.runtime.contract import FALLBACK, PREDICTION_TYPES, resolve_settings  # noqa: F401 -- FALLBACK re-exported
+from mdx.runtime.session import ModelError, OnnxDenoiser
 
 PROG = "mdx-sample"
 DEFAULT_MODEL_NAME = Path("models") / "emoji16.onnx"
-FALLBACK = {"sampler": "ddim", "steps": 25, "guidance": 1.0}  # without the model's mdx.recommended
 MAX_DEFAULT_N = 64
 USER_ERRORS = (ModelError, PipelineError, OutputError, SamplerError, ScheduleError)
 
@@ -202,25 +202,22 @@ def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, 
     info = denoiser.info
 
     # 3. Sampler settings: the command line, else the model's recommendation, else the fallback.
-    recommended = {**FALLBACK, **{k: v for k, v in (info.recommended or {}).items() if k in FALLBACK}}
-    sampler = sampler or recommended["sampler"]
-    guidance = guidance if guidance is not None else float(recommended["guidance"])
+    settings = resolve_settings(info, sampler, steps, guidance)
+    sampler, steps, guidance = settings.sampler, settings.steps, settings.guidance
     T = info.schedule.num_train_timesteps
-    if steps is None:
-        steps = min(int(recommended["steps"]), T - 1 if sampler == "dpmpp" else T)
     if steps > T:
         raise UsageError(f"--steps {steps} is more than the model's {T} training timesteps")
     K = info.num_classes
     if n is None:
         n = min(2 * K, MAX_DEFAULT_N)
     context, labels = build_context(info.class_names, list(classes), unconditional, n)
-    prepare_sampler(info, sampler, steps, eta)  # a bad sampler option fails here, before any output
+    prepare_sampler(info, sampler, steps, eta, settings.sampler_options)  # a bad option fails here, before any output
 
     what = ("unconditional" if unconditional else
             f"class {'+'.join(classes)}" if classes else f"all {K} classes")
     _info(f"{path.name}: {n} images, {what}, {sampler} {steps} steps, guidance {guidance:g}, seed {seed}, "
           f"on {denoiser.provider} (loaded in {load_seconds:.2f} s)"
-          + "".join(f"; {note}" for note in denoiser.notes))
+          + "".join(f"; {note}" for note in (*denoiser.notes, *settings.notes)))
 
     # 4. Sample, with telemetry around it when asked.
     recorder = None
@@ -232,7 +229,8 @@ def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, 
             _info(f"{why_not}; {telemetry} not written")
     try:
         result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
-                          eta=eta, seed=seed, record_x0=gif is not None, progress=Progress("sampling"))
+                          eta=eta, seed=seed, record_x0=gif is not None, progress=Progress("sampling"),
+                          sampler_options=settings.sampler_options)
     finally:
         if recorder is not None:
             recorder.stop()

@@ -54,6 +54,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from mdx.runtime.contract import resolve_settings
 from mdx.runtime.samplers import SAMPLERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,6 @@ FLOOR_DRAWS = 5
 FLOOR_SEED = 0  # fixed: the floor is a property of the data, n and the class mix, not of --seed
 CPU = "CPUExecutionProvider"
 PROG = "mdx-eval"
-FALLBACK = {"sampler": "ddim", "steps": 25, "guidance": 1.0}  # as mdx-sample, without mdx.recommended
 # Errors onnxruntime raises for a file it cannot load (they derive from Exception only).
 _ORT_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
                     _ort_errors.NoSuchFile, _ort_errors.InvalidArgument, _ort_errors.NotImplemented,
@@ -433,15 +433,11 @@ def sample_with_model(model, *, sampler, steps, guidance, eta, seed, n, provider
         model = open_model(model, provider, threads, class_names)
     denoiser = model
     info = denoiser.info
-    recommended = {**FALLBACK, **{k: v for k, v in (info.recommended or {}).items() if k in FALLBACK}}
-    sampler = sampler or recommended["sampler"]
-    if steps is None:
-        T = info.schedule.num_train_timesteps
-        steps = min(int(recommended["steps"]), T - 1 if sampler == "dpmpp" else T)
-    guidance = guidance if guidance is not None else float(recommended["guidance"])
+    resolved = resolve_settings(info, sampler, steps, guidance)
+    sampler, steps, guidance = resolved.sampler, resolved.steps, resolved.guidance
     context, labels = build_context(info.class_names, None, False, n)
     result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
-                      eta=eta, seed=seed)
+                      eta=eta, seed=seed, sampler_options=resolved.sampler_options)
     settings = {"model": str(info.path), "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
                 "seed": seed, "provider": denoiser.provider, "sampling_seconds": round(result.total_seconds, 3)}
     return to_uint8(result.samples), labels, settings

@@ -1,29 +1,26 @@
 """From float samples to files: uint8 conversion, grids, PNG / NPZ / folder output, GIFs.
 
 Samples are float32 (N, C, H, W) in [-1, 1] inside the runtime and uint8 (N, H, W, C) on
-disk (DESIGN.md). Every writer writes to a temporary name next to the target and renames it
+disk (docs/contract.md). Every writer writes to a temporary name next to the target and renames it
 into place (`os.replace`), so a failure never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from einops import rearrange, repeat
 from PIL import Image
 
+from mdx.runtime.fileio import OutputError, WriteError, atomic_dir, atomic_write, write_error  # noqa: F401 -- re-exported
+
 OUTPUT_KINDS = ("png", "npz", "folder")
-
-
-class OutputError(ValueError):
-    """An output path that cannot be written, or of a kind this module does not write."""
 
 
 # --- arrays ---------------------------------------------------------------------------
@@ -34,6 +31,14 @@ def to_uint8(samples: np.ndarray) -> np.ndarray:
     x = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     x = (x + 1.0) * 127.5  # [-1, 1] -> [0, 255]
     return rearrange(np.rint(x).astype(np.uint8), "n c h w -> n h w c")
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [-1, 1], contiguous (u / 127.5 - 1)."""
+    x = np.ascontiguousarray(rearrange(np.asarray(images), "n h w c -> n c h w"), dtype=np.float32)
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return x
 
 
 def grid_columns(n: int, num_classes: int | None = None) -> int:
@@ -100,56 +105,24 @@ def check_writable(path: str | os.PathLike, kind: str) -> Path:
     return p
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path, suffix: str) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` if the body succeeds."""
-    parent = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def _oserror(target: Path, e: OSError) -> OutputError:
-    return OutputError(f"cannot write {target}: {e.strerror or e}")
-
-
 # --- writers --------------------------------------------------------------------------
 
 
 def save_grid_png(samples: np.ndarray, path: str | os.PathLike, columns: int, scale: int = 4) -> Path:
     target = Path(path)
     grid = make_grid(to_uint8(samples), columns, scale)
-    try:
-        with _atomic_file(target, ".png") as tmp:
-            _pil(grid).save(tmp, format="PNG")
-    except OSError as e:
-        raise _oserror(target, e) from None
+    with atomic_write(target, ".png") as tmp:
+        _pil(grid).save(tmp, format="PNG")
     return target
 
 
 def save_npz(samples: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> Path:
     """`images` uint8 (N, H, W, C), `labels` int64 (N,) (-1: not one class), `samples` float32 (N, C, H, W)."""
     target = Path(path)
-    try:
-        with _atomic_file(target, ".npz") as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-                np.savez(f, images=to_uint8(samples), labels=np.asarray(labels, dtype=np.int64),
-                         samples=np.asarray(samples, dtype=np.float32))
-    except OSError as e:
-        raise _oserror(target, e) from None
+    with atomic_write(target, ".npz") as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, images=to_uint8(samples), labels=np.asarray(labels, dtype=np.int64),
+                     samples=np.asarray(samples, dtype=np.float32))
     return target
 
 
@@ -164,33 +137,36 @@ def image_names(labels: np.ndarray, class_names: Sequence[str], unlabelled: str 
     return names
 
 
+def _write_pngs(folder: Path, images: np.ndarray, names: Sequence[str], scale: int) -> None:
+    for image, name in zip(images, names):
+        if scale > 1:
+            image = repeat(image, "h w c -> (h s1) (w s2) c", s1=scale, s2=scale)
+        _pil(image).save(folder / name, format="PNG")
+
+
 def save_folder(samples: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
                 scale: int = 1, unlabelled: str = "mix") -> list[Path]:
-    """One PNG per image in folder `path` (created if needed): written to a temporary folder
-    beside it first, then moved in, so a failure leaves no partial set behind."""
+    """One PNG per image in folder `path`: written to a temporary folder beside it first, so a
+    failure leaves no partial set behind. A new folder appears whole; an existing one keeps its
+    other files and gets the new ones moved in."""
     target = Path(path)
     images = to_uint8(samples)
     names = image_names(labels, class_names, unlabelled)
-    parent = target.parent if str(target.parent) else Path(".")
-    created = False
+    if not target.exists():
+        with atomic_dir(target) as staging:
+            _write_pngs(staging, images, names, scale)
+        return [target / name for name in names]
+    staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-        try:
-            for image, name in zip(images, names):
-                if scale > 1:
-                    image = repeat(image, "h w c -> (h s1) (w s2) c", s1=scale, s2=scale)
-                _pil(image).save(staging / name, format="PNG")
-            if not target.exists():
-                target.mkdir()
-                created = True
-            for name in names:
-                os.replace(staging / name, target / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else "."))
+        _write_pngs(staging, images, names, scale)
+        for name in names:
+            os.replace(staging / name, target / name)  # a rename in one file system: needs no space
     except OSError as e:
-        if created:
-            shutil.rmtree(target, ignore_errors=True)
-        raise _oserror(target, e) from None
+        raise write_error(target, e) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return [target / name for name in names]
 
 
@@ -208,10 +184,7 @@ def save_gif(frames: Sequence[np.ndarray], final: np.ndarray, path: str | os.Pat
     chosen = [frames[i] for i in frame_indices(len(frames), max_frames)]
     grids = [_pil(make_grid(to_uint8(f), columns, scale)).convert("RGB") for f in [*chosen, final]]
     durations = [frame_ms] * (len(grids) - 1) + [hold_ms]
-    try:
-        with _atomic_file(target, ".gif") as tmp:
-            grids[0].save(tmp, format="GIF", save_all=True, append_images=grids[1:], duration=durations,
-                          loop=0, optimize=False)
-    except OSError as e:
-        raise _oserror(target, e) from None
+    with atomic_write(target, ".gif") as tmp:
+        grids[0].save(tmp, format="GIF", save_all=True, append_images=grids[1:], duration=durations,
+                      loop=0, optimize=False)
     return target

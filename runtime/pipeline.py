@@ -1,6 +1,6 @@
 """The sampling loop: noise -> model -> sampler step, with classifier-free guidance.
 
-Random numbers follow DESIGN.md's convention, so that the torch reference sampler
+Random numbers follow docs/contract.md's convention, so that the torch reference sampler
 (mdx.train.reference) and this loop give the same images for the same seed:
 
     rng = np.random.default_rng(seed)

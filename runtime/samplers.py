@@ -2,7 +2,7 @@
 
 Each sampler reimplements one diffusers scheduler, with diffusers' defaults, so that a
 default mdx sampler equals the default diffusers scheduler built on the same betas, step
-for step (DESIGN.md, "Numerical conventions"):
+for step (docs/contract.md, "Numerical conventions"):
 
     ddpm   DDPMScheduler                 Ho et al. 2020 (arXiv:2006.11239)
     ddim   DDIMScheduler                 Song et al. 2020 (arXiv:2010.02502)
@@ -44,10 +44,8 @@ from typing import Union
 
 import numpy as np
 
+from mdx.runtime.contract import PREDICTION_TYPES, SAMPLERS
 from mdx.runtime.schedules import Schedule
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 

@@ -1,7 +1,7 @@
 """Noise schedules, defined once for the whole project (numpy, float64).
 
 Each schedule returns the betas of the forward process q(x_t | x_{t-1}) for
-t = 0..T-1, with diffusers' conventions (DESIGN.md):
+t = 0..T-1, with diffusers' conventions (docs/contract.md):
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s<=t} (1 - beta_s)
 

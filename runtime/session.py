@@ -1,6 +1,6 @@
 """Load a contract ONNX model and run it: metadata, provider choice, reused buffers.
 
-The ONNX file is the interface between export and runtime (DESIGN.md, "Model contract"):
+The ONNX file is the interface between export and runtime (docs/contract.md, "Model contract"):
 inputs `sample` (B, C, H, W), `timestep` (B,), `context` (B, K), output `model_output`
 (B, C, H, W), and `mdx.*` metadata_props that describe the schedule, classes and sizes.
 
@@ -24,69 +24,26 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from mdx.runtime.schedules import Schedule, ScheduleError
+from mdx.runtime.contract import (INPUTS, OUTPUT, OVERRIDE_KEYS, PRECISIONS, PREDICTION_TYPES,  # noqa: F401
+                                  ModelError, ModelInfo, parse_model_info)
 
-INPUTS = ("sample", "timestep", "context")
-OUTPUT = "model_output"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-PRECISIONS = ("fp32", "fp16", "int8")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-# Which command-line option supplies each metadata key when a model lacks it.
-OPTIONS_FOR_KEY = {
-    "mdx.schedule": "--timesteps (with --schedule, --beta-start, --beta-end)",
-    "mdx.classes": "--classes",
-    "mdx.image_size": "--image-size",
-    "mdx.channels": "--channels",
-}
-# The keys of `overrides` in `OnnxDenoiser.load`, i.e. the command-line options above.
-OVERRIDE_KEYS = ("timesteps", "schedule", "beta_start", "beta_end", "classes", "image_size",
-                 "channels", "prediction_type")
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32,
 }
 # Errors onnxruntime raises for a file it cannot load (they derive from Exception only).
-_ORT_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
+ORT_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
                     _ort_errors.NoSuchFile, _ort_errors.InvalidArgument, _ort_errors.NotImplemented,
                     _ort_errors.RuntimeException)
-
-
-class ModelError(ValueError):
-    """A model file, its metadata, the provider or an input is not usable; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the runtime knows about a model, from its metadata (or the overrides)."""
-
-    image_size: int
-    channels: int
-    class_names: tuple[str, ...]
-    schedule: Schedule
-    prediction_type: str
-    precision: str
-    recommended: dict | None
-    path: Path
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        return (self.channels, self.image_size, self.image_size)
 
 
 # --- quiet session creation -----------------------------------------------------------
@@ -128,6 +85,18 @@ def _cuda_options(cuda_graph: bool) -> dict[str, str]:
     return options
 
 
+def preload_cuda_libraries() -> None:
+    """Make the pip-installed CUDA and cuDNN libraries findable before a CUDA session starts
+    (for code that builds its own sessions, such as the benchmarks); never raises."""
+    _preload_cuda_libraries()
+
+
+def cuda_provider_options(cuda_graph: bool = False) -> dict[str, str]:
+    """The CUDAExecutionProvider options of every mdx session (device 0, heuristic cuDNN
+    algorithm search, and CUDA graphs when asked)."""
+    return _cuda_options(cuda_graph)
+
+
 def _session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads is not None:
@@ -142,7 +111,7 @@ def _create_session(path: Path, providers: list, threads: int | None,
             return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=providers)
     except _ort_errors.InvalidProtobuf:
         raise ModelError(f"cannot load {path}: it is not an ONNX model (protobuf parsing failed)") from None
-    except _ORT_LOAD_ERRORS as e:
+    except ORT_LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if cuda_graph and "graph" in first.lower():
             # e.g. a node the CUDA provider cannot take: CUDA graphs need every node on the GPU
@@ -214,131 +183,14 @@ def open_session(path: Path, provider: str = "auto", threads: int | None = None,
 # --- metadata -------------------------------------------------------------------------
 
 
-def _static(dim) -> int | None:
-    """A graph dimension if it is a fixed positive integer, else None (symbolic or unknown)."""
-    return dim if isinstance(dim, int) and dim > 0 else None
-
-
-def _json(meta: dict, key: str):
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise ModelError(f"metadata {key} is not valid JSON ({e.msg}): {meta[key][:80]!r}") from None
-
-
-def _positive_int(value, what: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        v = 0
-    if v < 1 or (isinstance(value, float) and value != v):
-        raise ModelError(f"{what} must be a positive integer, got {value!r}")
-    return v
-
-
-def _class_names(value, what: str) -> tuple[str, ...]:
-    """A list of names, or a count (names '0'..'K-1')."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return tuple(str(i) for i in range(_positive_int(value, what)))
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
-        if len(set(value)) != len(value):
-            raise ModelError(f"{what} repeats a class name: {list(value)}")
-        return tuple(value)
-    raise ModelError(f"{what} must be a non-empty list of names or a count, got {value!r}")
-
-
-def _schedule(meta: dict, overrides: dict) -> Schedule | None:
-    given = {k: overrides[k] for k in ("timesteps", "schedule", "beta_start", "beta_end")
-             if overrides.get(k) is not None}
-    if "mdx.schedule" in meta:
-        base = _json(meta, "mdx.schedule")
-        if not isinstance(base, dict):
-            raise ModelError(f"metadata mdx.schedule must be a JSON object, got {meta['mdx.schedule'][:80]!r}")
-    elif "timesteps" in given:
-        base = {"kind": "linear", "beta_start": 1e-4, "beta_end": 0.02}
-    else:
-        return None
-    desc = dict(base)
-    for option, key in (("timesteps", "num_train_timesteps"), ("schedule", "kind"),
-                        ("beta_start", "beta_start"), ("beta_end", "beta_end")):
-        if option in given:
-            desc[key] = given[option]
-    try:
-        return Schedule.from_dict(desc)
-    except ScheduleError as e:
-        source = "the schedule options" if given else "metadata mdx.schedule"
-        raise ModelError(f"{source}: {e}") from None
-
-
 def read_model_info(session: ort.InferenceSession, path: Path, overrides: dict | None = None) -> ModelInfo:
-    """Model facts from the metadata, `overrides` (which win) and the graph's static shapes.
-
-    Raises ModelError naming the missing keys, and the options that supply them, when the
-    schedule, the classes or the image size cannot be determined.
-    """
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise ModelError(f"unknown override(s) {', '.join(unknown)}; allowed: {', '.join(OVERRIDE_KEYS)}")
+    """Model facts from the session's metadata, `overrides` (which win) and the graph's static
+    shapes (`contract.parse_model_info`)."""
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    if meta.get("mdx.format", "1") != "1":
-        raise ModelError(f"{path} has mdx.format {meta['mdx.format']!r}; this runtime reads format 1")
     inputs = {i.name: i for i in session.get_inputs()}
-    sample_shape = list(inputs["sample"].shape)
-    context_shape = list(inputs["context"].shape)
-
-    schedule = _schedule(meta, overrides)
-
-    if overrides.get("classes") is not None:
-        class_names: tuple[str, ...] | None = _class_names(overrides["classes"], "--classes")
-    elif "mdx.classes" in meta:
-        class_names = _class_names(_json(meta, "mdx.classes"), "metadata mdx.classes")
-    else:
-        class_names = None
-
-    def size(option: str, key: str, graph_dim) -> int | None:
-        if overrides.get(option) is not None:
-            return _positive_int(overrides[option], "--" + option.replace("_", "-"))
-        if key in meta:
-            return _positive_int(meta[key], f"metadata {key}")
-        return _static(graph_dim)  # a foreign model's fixed input shape says it too
-
-    channels = size("channels", "mdx.channels", sample_shape[1])
-    image_size = size("image_size", "mdx.image_size", sample_shape[2])
-
-    missing = [key for key, value in (("mdx.schedule", schedule), ("mdx.classes", class_names),
-                                      ("mdx.image_size", image_size), ("mdx.channels", channels))
-               if value is None]
-    if missing:
-        options = "; ".join(f"{k}: {OPTIONS_FOR_KEY[k]}" for k in missing)
-        raise ModelError(f"{path} lacks the metadata {', '.join(missing)}; supply it with the options ({options})")
-
-    # The metadata must agree with the graph wherever the graph fixes a size.
-    for what, value, dim in (("channels", channels, sample_shape[1]), ("image size", image_size, sample_shape[2]),
-                             ("image size", image_size, sample_shape[3]),
-                             ("number of classes", len(class_names), context_shape[1])):
-        if _static(dim) is not None and dim != value:
-            raise ModelError(f"{path}: the {what} is {value} by the metadata or options, "
-                             f"but the graph's inputs fix it at {dim}")
-
-    prediction_type = overrides.get("prediction_type") or meta.get("mdx.prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ModelError(f"prediction type {prediction_type!r} is not supported; "
-                         f"choose one of {', '.join(PREDICTION_TYPES)}")
-    precision = meta.get("mdx.precision")
-    if precision is None:
-        precision = "fp16" if inputs["sample"].type == "tensor(float16)" else "fp32"
-    elif precision not in PRECISIONS:
-        raise ModelError(f"metadata mdx.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-
-    recommended = None
-    if "mdx.recommended" in meta:
-        recommended = _json(meta, "mdx.recommended")
-        if not isinstance(recommended, dict):
-            raise ModelError(f"metadata mdx.recommended must be a JSON object, got {meta['mdx.recommended'][:80]!r}")
-
-    return ModelInfo(image_size=image_size, channels=channels, class_names=class_names, schedule=schedule,
-                     prediction_type=prediction_type, precision=precision, recommended=recommended, path=path)
+    return parse_model_info(meta, path, overrides, sample_shape=list(inputs["sample"].shape),
+                            context_shape=list(inputs["context"].shape),
+                            fp16_inputs=inputs["sample"].type == "tensor(float16)")
 
 
 def _check_signature(session: ort.InferenceSession, path: Path) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
-import mmap
 import shutil
 import sys
 import tempfile
@@ -39,12 +38,12 @@ import numpy as np
 import onnxruntime as ort
 
 import mdx.runtime
-from mdx.runtime.cli import FALLBACK
+from mdx.runtime.contract import FALLBACK, ModelInfo, max_steps, read_metadata, resolve_settings
 from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
 from mdx.runtime.pipeline import PipelineError, build_context, generate
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import ScheduleError
-from mdx.runtime.session import ModelError, ModelInfo, OnnxDenoiser
+from mdx.runtime.session import ModelError, OnnxDenoiser
 
 PROG = "mdx-ui"
 INSTALL_HINT = "pip install 'microdiffusion[ui]'"
@@ -69,68 +68,6 @@ def default_models_dir() -> Path:
     if local.is_dir():
         return local
     return Path(mdx.runtime.__file__).resolve().parents[1] / "models"
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object]]:
-    """(field number, wire type, value) of a protobuf message in buf[start:end]; the value of a
-    length-delimited field is its (start, end) span, so large fields (the graph) are skipped."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise ValueError("field number 0")
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value, pos = (pos, pos + length), pos + length
-        elif wire == 5:
-            value, pos = None, pos + 4
-        else:
-            raise ValueError(f"wire type {wire}")
-        if pos > end:
-            raise ValueError("truncated field")
-        yield field, wire, value
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file without loading its graph or starting a session.
-
-    ModelProto: field 7 is the graph, field 14 the metadata_props (StringStringEntryProto:
-    key = 1, value = 2). Raises ValueError when the file is not an ONNX model.
-    """
-    with open(path, "rb") as f:
-        if f.seek(0, 2) == 0:
-            raise ValueError("empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            meta, has_graph = {}, False
-            for field, wire, value in _fields(buf, 0, len(buf)):
-                has_graph |= field == 7 and wire == 2
-                if field == 14 and wire == 2:
-                    entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
-                             for f, w, v in _fields(buf, *value) if w == 2 and f in (1, 2)}
-                    meta[entry.get(1, "")] = entry.get(2, "")
-    if not has_graph:
-        raise ValueError("no graph")
-    return meta
 
 
 def list_models(models_dir: Path) -> list[str]:
@@ -218,11 +155,6 @@ def _float_in(name: str, value, lo: float, hi: float) -> float:
     raise UiError(f"{name} must be a number in {lo:g}..{hi:g}, got {value!r}")
 
 
-def max_steps(sampler: str, num_train_timesteps: int) -> int:
-    """DPM-Solver++ visits at most T-1 steps (it needs a previous timestep), the others T."""
-    return num_train_timesteps - 1 if sampler == "dpmpp" else num_train_timesteps
-
-
 # --- what the page shows ----------------------------------------------------------
 
 
@@ -246,28 +178,8 @@ class ModelView:
 def recommended_settings(info: ModelInfo) -> tuple[dict, list[str]]:
     """sampler, steps, guidance: the model's mdx.recommended where it gives usable values, else
     mdx-sample's fallback; plus a note for each recommended value that could not be used."""
-    settings, notes = dict(FALLBACK), []
-    T = info.schedule.num_train_timesteps
-    given = info.recommended or {}
-    if "sampler" in given:
-        if given["sampler"] in SAMPLERS:
-            settings["sampler"] = given["sampler"]
-        else:
-            notes.append(f"mdx.recommended sampler {given['sampler']!r} ignored: not one of {', '.join(SAMPLERS)}")
-    limit = max_steps(settings["sampler"], T)
-    steps = given.get("steps", settings["steps"])
-    if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= limit:
-        settings["steps"] = steps
-    else:
-        settings["steps"] = min(FALLBACK["steps"], limit)
-        if "steps" in given:
-            notes.append(f"mdx.recommended steps {steps!r} ignored: not an integer in 1..{limit}")
-    guidance = given.get("guidance", settings["guidance"])
-    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 0 <= guidance <= MAX_GUIDANCE:
-        settings["guidance"] = float(guidance)
-    else:
-        notes.append(f"mdx.recommended guidance {guidance!r} ignored: not a number in 0..{MAX_GUIDANCE:g}")
-    return settings, notes
+    settings = resolve_settings(info, max_guidance=MAX_GUIDANCE)
+    return settings.as_dict(), list(settings.notes)
 
 
 def describe(view: ModelView) -> str:

@@ -1,9 +1,11 @@
 """Helpers for the runtime tests: export a tiny contract model with torch.
 
-The runtime itself never imports torch; only these test helpers do. Until the export
-stage lands, the tests build their own small model that follows DESIGN.md's model
-contract (inputs `sample`, `timestep`, `context`; output `model_output`; dynamic batch;
-opset 17; weights embedded; `mdx.*` metadata_props).
+The runtime itself never imports torch; only these test helpers do. They export a small
+ContextUnet straight with torch.onnx (seconds, where the full exporter with its parity
+checks takes much longer) and give it the metadata the exporter writes, built by the same
+`mdx.runtime.contract.model_metadata`, so the runtime tests run on files that follow
+docs/contract.md (inputs `sample`, `timestep`, `context`; output `model_output`; dynamic
+batch; opset 17; weights embedded; every key of `contract.REQUIRED_METADATA`).
 """
 
 from __future__ import annotations
@@ -15,28 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from mdx.runtime import contract
+
 TINY = dict(n_feat=16, n_classes=3, image_size=16, num_train_timesteps=50)
 TINY_CLASSES = ["apple", "ball", "cat"]
 TINY_SCHEDULE = {"kind": "linear", "num_train_timesteps": 50, "beta_start": 1e-4, "beta_end": 0.02}
 
 
-def contract_metadata(config, class_names, schedule: dict, *, prediction_type="epsilon",
+def contract_metadata(model, class_names, schedule: dict, *, prediction_type="epsilon",
                       recommended: dict | None = None) -> dict[str, str]:
-    """The `mdx.*` metadata_props of DESIGN.md's model contract, as strings."""
-    meta = {
-        "mdx.format": "1",
-        "mdx.image_size": str(config.image_size),
-        "mdx.channels": str(config.in_channels),
-        "mdx.classes": json.dumps(list(class_names)),
-        "mdx.schedule": json.dumps(schedule),
-        "mdx.prediction_type": prediction_type,
-        "mdx.precision": "fp32",
-        "mdx.train_config": json.dumps(config.to_dict()),
-        "mdx.checkpoint_sha256": "0" * 64,
-    }
-    if recommended is not None:
-        meta["mdx.recommended"] = json.dumps(recommended)
-    return meta
+    """The `mdx.*` metadata_props the exporter would write for `model` (a ContextUnet)."""
+    from mdx.train.model import count_parameters
+
+    config = model.config
+    return contract.model_metadata(
+        image_size=config.image_size, channels=config.in_channels, class_names=class_names, schedule=schedule,
+        prediction_type=prediction_type, precision="fp32", train_config={"model": config.to_dict()},
+        checkpoint_sha256="0" * 64, parameters=count_parameters(model), recommended=recommended)
 
 
 def make_model(seed: int = 0, **config):
@@ -74,7 +71,7 @@ def export_model(model, path: Path, metadata: dict[str, str] | None) -> Path:
         warnings.simplefilter("ignore")  # the exporter's notes on opset conversion and axis names
         torch.onnx.export(
             model.eval(), args, str(path), dynamo=True, opset_version=17, external_data=False,
-            input_names=["sample", "timestep", "context"], output_names=["model_output"],
+            input_names=list(contract.INPUTS), output_names=[contract.OUTPUT],
             dynamic_shapes={"sample": {0: batch}, "timestep": {0: batch}, "context": {0: batch}},
             verbose=False,
         )
@@ -96,7 +93,7 @@ def export_tiny(path: Path, *, seed: int = 0, metadata: bool = True, recommended
         cfg = model.config
         names = TINY_CLASSES if cfg.n_classes == 3 else [f"class{i}" for i in range(cfg.n_classes)]
         schedule = {**TINY_SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps}
-        meta = contract_metadata(cfg, names, schedule, prediction_type=prediction_type,
+        meta = contract_metadata(model, names, schedule, prediction_type=prediction_type,
                                  recommended=recommended)
     return model, export_model(model, path, meta)
 

@@ -1,4 +1,4 @@
-"""mdx.runtime imports numpy, onnxruntime, pillow, einops and click only (DESIGN.md, layering).
+"""mdx.runtime imports numpy, onnxruntime, pillow, einops and click only (docs/contract.md, layering).
 
 Two checks: every runtime module imports in a fresh interpreter where torch, mdx.train and
 mdx.export cannot be imported; and no runtime module imports anything else at module level

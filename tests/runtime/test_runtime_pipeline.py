@@ -63,7 +63,7 @@ class FakeDenoiser:
 
 
 def manual_loop(model: FakeDenoiser, sampler, steps, context, guidance, seed, **options):
-    """The loop of DESIGN.md written out plainly, with two separate model calls for guidance."""
+    """The loop of docs/contract.md written out plainly, with two separate model calls for guidance."""
     info = model.info
     s = make_sampler(sampler, info.schedule, **options)
     s.set_timesteps(steps)

@@ -2,7 +2,7 @@
 
 Every loop drives mdx and diffusers side by side from the same x_T, with the same stand-in
 model (a function of each implementation's own trajectory) and the same noise draws, in the
-order DESIGN.md fixes, and compares prev_sample at every step.
+order docs/contract.md fixes, and compares prev_sample at every step.
 
 Two diffusers references:
 - "float64": diffusers' own scheduler code with its tables (betas, alphas_cumprod, sigmas,

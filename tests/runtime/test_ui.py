@@ -49,7 +49,7 @@ def class_images(size: int = 16) -> np.ndarray:
 
 
 def write_contract_model(path: Path, *, recommended: dict | None = None, size: int = 16) -> Path:
-    """A contract model (DESIGN.md) without torch: the exact denoiser for data that is one
+    """A contract model (docs/contract.md) without torch: the exact denoiser for data that is one
     image per class. x_0 = context @ images (a mix adds them, all-zero context gives grey), and
     eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), so every sampler lands on the class image."""
     from onnx import TensorProto, helper, numpy_helper
