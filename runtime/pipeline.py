@@ -126,11 +126,13 @@ def recommended_sampler_options(info, sampler: str) -> dict:
 def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None = None,
              context: np.ndarray, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
              record_x0: bool = False, progress: Callable[[int, int], None] | None = None,
-             sampler_options: dict | None = None) -> Generation:
+             sampler_options: dict | None = None,
+             callback: Callable[[int, int, np.ndarray], None] | None = None) -> Generation:
     """Sample len(context) images with `denoiser` (an OnnxDenoiser or anything with `.info`
     and `.binding(batch)`); see the module docstring for the loop.
 
-    `progress(i, total)` is called after each step; `sampler_options` go to `make_sampler`
+    `progress(i, total)` and `callback(i, total, x0)` (x0: the step's predicted clean images
+    (n, C, H, W), a fresh array) are called after each step; `sampler_options` go to `make_sampler`
     (timestep_spacing, clip_sample, variance_type, lambda_min_clipped ...). Left at None, they
     are the model's recommended options for this sampler (`mdx.recommended`'s sampler_options),
     else the sampler's diffusers defaults.
@@ -191,6 +193,8 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
             frames.append(result.pred_original_sample)  # fresh per step: the sampler's contract
         if progress is not None:
             progress(i + 1, len(timesteps))
+        if callback is not None:
+            callback(i + 1, len(timesteps), result.pred_original_sample)
     samples = np.clip(x, -1.0, 1.0, out=x)
     total = time.perf_counter() - start
     return Generation(samples=samples, x0_frames=frames, model_seconds=model_seconds, total_seconds=total,
