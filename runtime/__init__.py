@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
-    from mdx.runtime.api import ERRORS, Output, Pipeline, SamplingSettings, Timings
+    from mdx.runtime.api import ERRORS, Output, Pipeline, Request, SamplingSettings, Timings
     from mdx.runtime.contract import ModelError
     from mdx.runtime.images import OutputError
     from mdx.runtime.pipeline import PipelineError
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
 
 _LAZY = {
     "Pipeline": "mdx.runtime.api", "Output": "mdx.runtime.api", "SamplingSettings": "mdx.runtime.api",
-    "Timings": "mdx.runtime.api", "ERRORS": "mdx.runtime.api",
+    "Timings": "mdx.runtime.api", "ERRORS": "mdx.runtime.api", "Request": "mdx.runtime.api",
     "ModelError": "mdx.runtime.contract", "PipelineError": "mdx.runtime.pipeline",
     "SamplerError": "mdx.runtime.samplers", "OutputError": "mdx.runtime.images",
     "shipped_models": "mdx.runtime.shipped",

@@ -41,13 +41,13 @@ import numpy as np
 from mdx.runtime.contract import ModelError, ModelInfo, resolve_settings
 from mdx.runtime.images import (OutputError, check_writable, grid_columns, output_kind, save_folder, save_gif,
                                 save_grid_png, save_npz, to_uint8)
-from mdx.runtime.pipeline import PipelineError, build_context, generate
+from mdx.runtime.pipeline import PipelineError, build_context, generate, prepare_sampler
 from mdx.runtime.samplers import SamplerError
 from mdx.runtime.schedules import ScheduleError
 from mdx.runtime.shipped import resolve_model
 from mdx.runtime.fileio import WriteError
 
-__all__ = ["ERRORS", "Output", "Pipeline", "SamplingSettings", "Timings", "ClassSpec", "StepCallback"]
+__all__ = ["ERRORS", "Output", "Pipeline", "Request", "SamplingSettings", "Timings", "ClassSpec", "StepCallback"]
 
 MAX_DEFAULT_N = 64  # the grid's default size: 2 images per class, at most this many
 ERRORS: tuple[type[Exception], ...] = (ModelError, PipelineError, SamplerError, ScheduleError, OutputError,
@@ -79,6 +79,15 @@ class SamplingSettings:
         return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance, "eta": self.eta,
                 "seed": self.seed, "n": self.n, "sampler_options": dict(self.sampler_options),
                 "classes": self.classes}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: what each image is conditioned on, and the settings (`Pipeline.request`)."""
+
+    context: np.ndarray  # (n, K) float32 class weights
+    labels: np.ndarray  # (n,) int64, -1 for a mix or unconditional
+    settings: SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _check_request(n, steps, guidance, seed, eta, sampler_options, callback) -> None:
+def _check_request(n, steps, guidance, seed, eta, sampler_options) -> None:
     """Types and ranges the sampler does not check itself (it checks steps <= T, eta, options)."""
     if n is not None and (not _is_int(n) or n < 1):
         raise PipelineError(f"n must be an integer >= 1 (the number of images), got {n!r}")
@@ -166,8 +175,6 @@ def _check_request(n, steps, guidance, seed, eta, sampler_options, callback) -> 
         raise PipelineError(f"eta must be a number in [0, 1] (ddim only), got {eta!r}")
     if sampler_options is not None and not isinstance(sampler_options, Mapping):
         raise PipelineError(f"sampler_options must be a dict of option: value, got {sampler_options!r}")
-    if callback is not None and not callable(callback):
-        raise PipelineError(f"callback must be callable as callback(step, total, x0), got {callback!r}")
 
 
 def _weight_context(weights: np.ndarray, K: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -284,6 +291,37 @@ class Pipeline:
     def path(self) -> Path:
         return Path(self.info.path)
 
+    def request(self, classes: ClassSpec = None, *, n: int | None = None, steps: int | None = None,
+                guidance: float | None = None, seed: int = 0, sampler: str | None = None,
+                eta: float | None = None, sampler_options: Mapping[str, Any] | None = None,
+                unconditional: bool = False) -> Request:
+        """Check a request and resolve its settings without sampling (what `__call__` samples):
+        a command prints what it will do, or fails, before any work or output."""
+        _check_request(n, steps, guidance, seed, eta, sampler_options)
+        context, labels, what = conditioning(self.class_names, classes, n, unconditional)
+        resolved = resolve_settings(self.info, sampler=sampler, steps=steps, guidance=guidance,
+                                    sampler_options=None if sampler_options is None else dict(sampler_options))
+        settings = SamplingSettings(
+            sampler=resolved.sampler, steps=resolved.steps, guidance=float(resolved.guidance),
+            eta=float(eta or 0.0), seed=int(seed), n=len(context), sampler_options=dict(resolved.sampler_options),
+            classes=what, unconditional=bool(unconditional), notes=tuple(resolved.notes))
+        # A bad sampler, step count (1..T), eta or option fails here, before any sampling.
+        prepare_sampler(self.info, settings.sampler, settings.steps, settings.eta, settings.sampler_options)
+        return Request(context=context, labels=labels, settings=settings)
+
+    def run(self, request: Request, *, callback: StepCallback | None = None, record_x0: bool = False) -> Output:
+        """Sample a checked request; see `__call__` for callback and record_x0."""
+        if callback is not None and not callable(callback):
+            raise PipelineError(f"callback must be callable as callback(step, total, x0), got {callback!r}")
+        s = request.settings
+        result = generate(self.denoiser, sampler=s.sampler, steps=s.steps, n=s.n, context=request.context,
+                          guidance=s.guidance, eta=s.eta, seed=s.seed, record_x0=record_x0,
+                          sampler_options=s.sampler_options, callback=callback)
+        return Output(samples=result.samples, labels=request.labels, context=request.context,
+                      class_names=self.class_names, settings=s,
+                      timings=Timings(result.total_seconds, result.model_seconds), provider=self.provider,
+                      model=self.path, x0_frames=result.x0_frames)
+
     def __call__(self, classes: ClassSpec = None, *, n: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, sampler: str | None = None,
                  eta: float | None = None, sampler_options: Mapping[str, Any] | None = None,
@@ -294,20 +332,11 @@ class Pipeline:
         callback(step, total, x0) runs after each step with the predicted clean images x0
         (n, C, H, W) float32 (raise from it to stop); record_x0 keeps them all for `save_gif`.
         """
-        _check_request(n, steps, guidance, seed, eta, sampler_options, callback)
-        context, labels, what = conditioning(self.class_names, classes, n, unconditional)
-        resolved = resolve_settings(self.info, sampler=sampler, steps=steps, guidance=guidance,
-                                    sampler_options=None if sampler_options is None else dict(sampler_options))
-        settings = SamplingSettings(
-            sampler=resolved.sampler, steps=resolved.steps, guidance=float(resolved.guidance),
-            eta=float(eta or 0.0), seed=int(seed), n=len(context), sampler_options=dict(resolved.sampler_options),
-            classes=what, unconditional=bool(unconditional), notes=tuple(resolved.notes))
-        result = generate(self.denoiser, sampler=settings.sampler, steps=settings.steps, n=settings.n,
-                          context=context, guidance=settings.guidance, eta=settings.eta, seed=settings.seed,
-                          record_x0=record_x0, sampler_options=settings.sampler_options, callback=callback)
-        return Output(samples=result.samples, labels=labels, context=context, class_names=self.class_names,
-                      settings=settings, timings=Timings(result.total_seconds, result.model_seconds),
-                      provider=self.provider, model=self.path, x0_frames=result.x0_frames)
+        if callback is not None and not callable(callback):
+            raise PipelineError(f"callback must be callable as callback(step, total, x0), got {callback!r}")
+        request = self.request(classes, n=n, steps=steps, guidance=guidance, seed=seed, sampler=sampler, eta=eta,
+                               sampler_options=sampler_options, unconditional=unconditional)
+        return self.run(request, callback=callback, record_x0=record_x0)
 
     def __repr__(self) -> str:
         return f"Pipeline({str(self.path)!r}, provider={self.provider}, classes={list(self.class_names)})"

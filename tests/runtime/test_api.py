@@ -338,6 +338,16 @@ def test_callback_can_stop_sampling(pipe):
         pipe(n=1, steps=4, callback=stop)
 
 
+def test_request_checks_before_sampling_and_run_samples_it(pipe):
+    calls = []
+    request = pipe.request(classes="food", n=2, steps=3, seed=4)
+    assert request.settings.n == 2 and request.labels.tolist() == [FOOD, FOOD]
+    out = pipe.run(request, callback=lambda *a: calls.append(a[0]))
+    assert calls == [1, 2, 3] and np.array_equal(out.samples, pipe(classes="food", n=2, steps=3, seed=4).samples)
+    with pytest.raises(SamplerError):
+        pipe.request(sampler="ddim", steps=2, sampler_options={"bogus": 1})
+
+
 def test_output_is_a_dataclass_of_arrays(pipe):
     out = pipe(n=1, steps=2)
     assert isinstance(out, Output) and out.images is out.images  # converted once
