@@ -11,25 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from typing import NoReturn
 
-from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
+from mdx.runtime.contract import PRECISIONS
+from mdx.runtime.fileio import WriteError
 
 from mdx.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, ExportFailure, export_checkpoint, max_opset
 from mdx.export.validate import ValidationError
 
 
-def _fail(msg: str, code: int) -> NoReturn:
-    fail("mdx-export", msg, code, one_line=False)  # a validation failure prints its table
-
-
-@click.command(cls=one_line_command("mdx-export", interrupted="interrupted (no file written)"), context_settings=CONTEXT_SETTINGS)
+@click.command(cls=one_line_command("mdx-export", (ExportError, WriteError), interrupted="interrupted (no file written)",
+                                    failures=(ExportFailure, ValidationError)),
+               context_settings=CONTEXT_SETTINGS)
 @click.argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, metavar="FILE.onnx",
               help="Output file [default: models/<run-folder-name>[-fp16|-int8].onnx].")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help=f"ONNX opset ({MIN_OPSET}..{max_opset()} with the installed exporter).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="fp32; fp16 for the CUDA provider (float32 inputs/outputs); int8 QDQ for the CPU.")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
               help="Which weights of a run or checkpoint folder.")
@@ -49,20 +48,9 @@ def main(checkpoint: Path, output: Path | None, opset: int, precision: str, weig
     The file is validated (onnx checker, shape inference, static graph, the model contract,
     ONNX Runtime parity with torch at batch 1, 7 and 64) before it is written.
     """
-    try:
-        export_checkpoint(checkpoint, output, opset=opset, precision=precision, weights=weights,
-                          simplify=not no_simplify, recommended=recommended, calibration_data=calibration_data,
-                          verbose=not quiet, int8_activations=int8_activations)
-    except ExportError as e:
-        _fail(str(e), 2)
-    except ExportFailure as e:
-        _fail(str(e), 1)
-    except ValidationError as e:
-        lines = str(e).splitlines()
-        _fail(lines[0] + "".join(f"\n    {ln}" for ln in lines[1:]) + "\n    (no file written)", 1)
-    except KeyboardInterrupt:
-        _fail("interrupted (no file written)", 130)
-
+    export_checkpoint(checkpoint, output, opset=opset, precision=precision, weights=weights,
+                      simplify=not no_simplify, recommended=recommended, calibration_data=calibration_data,
+                      verbose=not quiet, int8_activations=int8_activations)
 
 if __name__ == "__main__":
     main()

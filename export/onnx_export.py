@@ -1,4 +1,4 @@
-"""Export a checkpoint to one self-contained, validated ONNX file (DESIGN.md's model contract).
+"""Export a checkpoint to one self-contained, validated ONNX file (docs/contract.md's model contract).
 
     export_checkpoint("runs/emoji16", "models/emoji16.onnx")            # fp32, opset 17
     export_checkpoint("runs/emoji16", "models/emoji16-int8.onnx", precision="int8")
@@ -11,10 +11,12 @@ The steps, each reported with its figures:
 3. simplify with onnxsim, its own numerical check on;
 4. write the `mdx.*` metadata so the runtime needs nothing beside the file;
 5. for fp16 / int8, convert (see quantize.py);
-6. save under a temporary name beside the output, validate (validate.py), and only then
-   rename it into place. Any failure, Ctrl-C included, removes the temporary file.
+6. save under a temporary name beside the output (mdx.runtime.fileio.atomic_write), validate
+   (validate.py), and only then rename it into place. Any failure, Ctrl-C or a full disk
+   included, removes the temporary file and leaves an existing output as it was.
 
-Errors a user can cause raise `ExportError` (one line); a failure of the tools raises
+Errors a user can cause raise `ExportError` (one line); an output that cannot be written
+raises `WriteError` (one line, naming the path and the reason); a failure of the tools raises
 `ExportFailure`; a model that fails validation raises `ValidationError` with the numbers.
 """
 
@@ -25,8 +27,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,16 +38,17 @@ import torch
 
 from mdx.export.quantize import (INT8_ACTIVATIONS, CalibrationError, CalibrationReader, convert_fp16,
                                  make_calibration_set, quantize_int8)
-from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, ValidationReport, all_nodes,
-                                 onnx_opset, validate_onnx)
-from mdx.train.checkpoint import CKPT_DIR, OLD_DIR, CheckpointError, LoadedCheckpoint, load_checkpoint
+from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, ValidationError, ValidationReport,
+                                 all_nodes, onnx_opset, validate_onnx)
+from mdx.runtime.fileio import atomic_write, write_error
+from mdx.train.checkpoint import CKPT_DIR, WEIGHTS, CheckpointError, LoadedCheckpoint, load_checkpoint
 from mdx.train.model import count_parameters
+from mdx.runtime import contract
 from mdx.runtime.samplers import SAMPLERS, SamplerError, make_sampler
 from mdx.runtime.schedules import Schedule
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QDQ and the ops this model needs are all in opset 13
-FORMAT = "1"
 PRECISION_SUFFIX = {"fp32": "", "fp16": "-fp16", "int8": "-int8"}
 PRECISION_DOC = {
     "fp32": "float32 weights and compute",
@@ -135,8 +136,8 @@ def default_output(checkpoint: str | Path, precision: str) -> Path:
     """models/<run-folder-name>[-fp16|-int8].onnx, relative to the current directory."""
     p = Path(checkpoint).resolve()
     if p.is_file():
-        name = p.parent.parent.name if p.parent.name in (CKPT_DIR, OLD_DIR) else p.stem
-    elif p.name in (CKPT_DIR, OLD_DIR):
+        name = p.parent.parent.name if p.parent.name == CKPT_DIR else p.stem
+    elif p.name == CKPT_DIR:
         name = p.parent.name
     else:
         name = p.name
@@ -257,24 +258,13 @@ def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def build_metadata(ckpt: LoadedCheckpoint, precision: str, recommended: dict | None) -> dict[str, str]:
-    """The mdx.* metadata of DESIGN.md (all strings, JSON where structured)."""
+    """The mdx.* metadata of docs/contract.md (all strings, JSON where structured)."""
     mc = ckpt.model_config
-    meta = {
-        "mdx.format": FORMAT,
-        "mdx.image_size": str(mc.image_size),
-        "mdx.channels": str(mc.in_channels),
-        "mdx.classes": json.dumps(list(ckpt.class_names)),
-        "mdx.schedule": json.dumps(ckpt.schedule.to_dict(), sort_keys=True),
-        "mdx.prediction_type": ckpt.prediction_type,
-        "mdx.precision": precision,
-        "mdx.train_config": json.dumps(ckpt.config, sort_keys=True),
-        "mdx.checkpoint_sha256": ckpt.sha256,
-        "mdx.num_train_timesteps": str(mc.num_train_timesteps),
-        "mdx.parameters": str(count_parameters(ckpt.model)),
-    }
-    if recommended is not None:
-        meta["mdx.recommended"] = json.dumps(recommended, sort_keys=True)
-    return meta
+    return contract.model_metadata(
+        image_size=mc.image_size, channels=mc.in_channels, class_names=ckpt.class_names,
+        schedule=ckpt.schedule.to_dict(), prediction_type=ckpt.prediction_type, precision=precision,
+        train_config=ckpt.config, checkpoint_sha256=ckpt.sha256, parameters=count_parameters(ckpt.model),
+        recommended=recommended)
 
 
 def _version() -> str:
@@ -344,14 +334,22 @@ class ExportReport:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_options(precision: str, weights: str, opset: int, int8_activations: str,
+                  calibration_data: str | None) -> None:
+    """ExportError for an option no export could use (before anything slow runs)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if weights not in WEIGHTS:
+        raise ExportError(f"unknown weights {weights!r}; choose {' or '.join(WEIGHTS)}")
+    check_opset(opset)
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise ExportError(f"unknown int8 activation type {int8_activations!r}; choose u8 or s8")
+    if calibration_data is not None and precision != "int8":
+        raise ExportError("--calibration-data is only used with --precision int8")
 
 
-def _prepare_output(out: Path) -> Path:
-    """Make the output folder and a temporary file beside the output; ExportError if impossible."""
+def check_output(out: Path) -> None:
+    """The output must be a file path whose folder exists or can be made."""
     if out.is_dir():
         raise ExportError(f"cannot write {out}: it is a folder")
     existing = next((p for p in out.parents if p.exists()), None)
@@ -359,13 +357,8 @@ def _prepare_output(out: Path) -> Path:
         raise ExportError(f"cannot write {out}: {existing} is not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):  # mkstemp makes it private; the model is an ordinary file
-        os.chmod(tmp, 0o666 & ~_umask())
-    return Path(tmp)
+        raise write_error(out, e) from None
 
 
 def _calibration(ckpt: LoadedCheckpoint, calibration_data: str | None):
@@ -383,6 +376,84 @@ def _calibration(ckpt: LoadedCheckpoint, calibration_data: str | None):
         raise ExportError(f"{e}{hint}") from None
 
 
+def _load(path: str | Path, weights: str) -> LoadedCheckpoint:
+    try:
+        return load_checkpoint(path, weights=weights)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
+def _log_source(ckpt: LoadedCheckpoint, path: str | Path, out: Path, log: Callable[[str], None]) -> None:
+    mc = ckpt.model_config
+    log(f"mdx-export: {path} ({ckpt.weights} weights, step {ckpt.step}, sha256 {ckpt.sha256[:12]}) -> {out}")
+    log(f"  model      ContextUnet n_feat={mc.n_feat}, {mc.n_classes} classes, {mc.in_channels}x{mc.image_size}x"
+        f"{mc.image_size}, {count_parameters(ckpt.model):,} parameters, {ckpt.prediction_type}, "
+        f"{ckpt.schedule.kind} T={mc.num_train_timesteps}")
+
+
+def export_graph(ckpt: LoadedCheckpoint, out: Path, precision: str, opset: int, simplify: bool,
+                 log: Callable[[str], None]) -> tuple[onnx.ModelProto, ExportReport]:
+    """torch -> ONNX, then onnxsim unless told not to; the report's first figures."""
+    proto, method, export_s = torch_to_onnx(ckpt.model, opset, log)
+    nodes0, bytes0 = node_count(proto), proto.ByteSize()
+    log(f"  export     torch.onnx.export ({method} exporter), opset {opset}, {export_s:.1f} s: "
+        f"{nodes0} nodes, {fmt_bytes(bytes0)}")
+    simplify_s = 0.0
+    if simplify:
+        t0 = time.perf_counter()
+        proto = simplify_model(proto)
+        simplify_s = time.perf_counter() - t0
+        log(f"  simplify   onnxsim (check on): {nodes0} -> {node_count(proto)} nodes, "
+            f"{fmt_bytes(bytes0)} -> {fmt_bytes(proto.ByteSize())}, {simplify_s:.1f} s")
+    else:
+        log("  simplify   skipped (--no-simplify)")
+    report = ExportReport(out, precision, opset, method, export_s, simplify, nodes0, node_count(proto),
+                          bytes0, proto.ByteSize(), simplify_seconds=simplify_s)
+    return proto, report
+
+
+def convert_precision(proto: onnx.ModelProto, report: ExportReport, calib, int8_activations: str,
+                      log: Callable[[str], None]) -> onnx.ModelProto:
+    """fp16 conversion or int8 quantization (report.precision); fp32 passes through."""
+    precision = report.precision
+    if precision == "fp32":
+        return proto
+    t0 = time.perf_counter()
+    if precision == "fp16":
+        proto = convert_fp16(proto)
+    else:
+        report.calibration = calib.description
+        log(f"  calibrate  {calib.description}")
+        held = io.StringIO()
+        try:
+            with _quiet(held):
+                proto = quantize_int8(proto, CalibrationReader(calib), int8_activations)
+        except Exception as e:  # noqa: BLE001
+            raise ExportFailure(f"int8 quantization failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
+    report.convert_seconds = time.perf_counter() - t0
+    what = {"fp16": "float16, float32 I/O",
+            "int8": f"QDQ, s8 per-channel weights, {int8_activations} activations, MinMax"}[precision]
+    log(f"  {precision:<10} {what}: {node_count(proto)} nodes, {fmt_bytes(proto.ByteSize())}, "
+        f"{report.convert_seconds:.1f} s")
+    return proto
+
+
+def save_and_validate(proto: onnx.ModelProto, tmp: Path, ckpt: LoadedCheckpoint, report: ExportReport,
+                      log: Callable[[str], None]) -> None:
+    """Save the model to the temporary file and validate it there (ValidationError says no file was written)."""
+    onnx.save(proto, str(tmp))
+    report.final_nodes, report.final_bytes = node_count(proto), tmp.stat().st_size
+    try:
+        report.validation = validate_onnx(tmp, ckpt.model, ckpt.schedule, report.precision, opset=report.opset)
+    except ValidationError as e:
+        raise ValidationError(f"{e}\n(no file written)", e.report) from None
+    v = report.validation
+    log(f"  validate   {', '.join(v.checks[:-1])}: ok ({v.seconds:.1f} s)")
+    log("  parity     vs torch (eval mode), fresh random inputs:")
+    for line in v.parity_lines():
+        log(f"               {line}")
+
+
 def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
                       precision: str = "fp32", weights: str = "ema", simplify: bool = True,
                       recommended: str | dict | None = None, calibration_data: str | None = None,
@@ -393,88 +464,27 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: in
     recommended: {"sampler": "ddpm|ddim|dpmpp", "steps": n, "guidance": g} (JSON or dict) for mdx-sample.
     calibration_data: int8 only; a data spec for load_data (default: the run's training data).
     int8_activations: "u8" (default, ORT's fast x86 path) or "s8"; see quantize.py.
-    Raises ExportError (bad input), ExportFailure (a tool failed) or ValidationError (the numbers).
-    Nothing is left at `out` unless it validated.
+    Raises ExportError (bad input), WriteError (the output cannot be written), ExportFailure
+    (a tool failed) or ValidationError (the numbers). Nothing is left at `out` unless it validated.
     """
     log: Callable[[str], None] = print if verbose else (lambda _msg: None)
     t_start = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if weights not in ("ema", "raw"):
-        raise ExportError(f"unknown weights {weights!r}; choose ema or raw")
-    check_opset(opset)
-    if int8_activations not in INT8_ACTIVATIONS:
-        raise ExportError(f"unknown int8 activation type {int8_activations!r}; choose u8 or s8")
-    if calibration_data is not None and precision != "int8":
-        raise ExportError("--calibration-data is only used with --precision int8")
-    try:
-        ckpt = load_checkpoint(path, weights=weights)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
+    check_options(precision, weights, opset, int8_activations, calibration_data)
+    ckpt = _load(path, weights)
     rec = parse_recommended(recommended, ckpt.schedule)
     out = Path(out) if out is not None else default_output(path, precision)
-
-    mc = ckpt.model_config
-    log(f"mdx-export: {path} ({weights} weights, step {ckpt.step}, sha256 {ckpt.sha256[:12]}) -> {out}")
-    log(f"  model      ContextUnet n_feat={mc.n_feat}, {mc.n_classes} classes, {mc.in_channels}x{mc.image_size}x"
-        f"{mc.image_size}, {count_parameters(ckpt.model):,} parameters, {ckpt.prediction_type}, "
-        f"{ckpt.schedule.kind} T={mc.num_train_timesteps}")
+    _log_source(ckpt, path, out, log)
     calib = _calibration(ckpt, calibration_data) if precision == "int8" else None  # bad data fails early
-    tmp = _prepare_output(out)
-    try:
-        proto, method, export_s = torch_to_onnx(ckpt.model, opset, log)
-        nodes0, bytes0 = node_count(proto), proto.ByteSize()
-        log(f"  export     torch.onnx.export ({method} exporter), opset {opset}, {export_s:.1f} s: "
-            f"{nodes0} nodes, {fmt_bytes(bytes0)}")
-        simplify_s = 0.0
-        if simplify:
-            t0 = time.perf_counter()
-            proto = simplify_model(proto)
-            simplify_s = time.perf_counter() - t0
-            log(f"  simplify   onnxsim (check on): {nodes0} -> {node_count(proto)} nodes, "
-                f"{fmt_bytes(bytes0)} -> {fmt_bytes(proto.ByteSize())}, {simplify_s:.1f} s")
-        else:
-            log("  simplify   skipped (--no-simplify)")
-        report = ExportReport(out, precision, opset, method, export_s, simplify, nodes0, node_count(proto),
-                              bytes0, proto.ByteSize(), simplify_seconds=simplify_s)
-
-        t0 = time.perf_counter()
-        if precision == "fp16":
-            proto = convert_fp16(proto)
-        elif precision == "int8":
-            report.calibration = calib.description
-            log(f"  calibrate  {calib.description}")
-            held = io.StringIO()
-            try:
-                with _quiet(held):
-                    proto = quantize_int8(proto, CalibrationReader(calib), int8_activations)
-            except Exception as e:  # noqa: BLE001
-                raise ExportFailure(f"int8 quantization failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
-        if precision != "fp32":
-            report.convert_seconds = time.perf_counter() - t0
-            what = {"fp16": "float16, float32 I/O", "int8": f"QDQ, s8 per-channel weights, {int8_activations} "
-                                                            f"activations, MinMax"}[precision]
-            log(f"  {precision:<10} {what}: {node_count(proto)} nodes, {fmt_bytes(proto.ByteSize())}, "
-                f"{report.convert_seconds:.1f} s")
-
+    check_output(out)
+    # The temporary file beside `out` is made first (an unwritable folder fails before the slow
+    # export), renamed onto `out` only once the model validated, and removed on any failure.
+    with atomic_write(out) as tmp:
+        proto, report = export_graph(ckpt, out, precision, opset, simplify, log)
+        proto = convert_precision(proto, report, calib, int8_activations, log)
         proto = finish_model(proto, ckpt, precision, rec, int8_activations)
         report.metadata = {p.key: p.value for p in proto.metadata_props}
-        onnx.save(proto, str(tmp))
-        report.final_nodes, report.final_bytes = node_count(proto), tmp.stat().st_size
-
-        report.validation = validate_onnx(tmp, ckpt.model, ckpt.schedule, precision, opset=opset)
-        v = report.validation
-        log(f"  validate   {', '.join(v.checks[:-1])}: ok ({v.seconds:.1f} s)")
-        log("  parity     vs torch (eval mode), fresh random inputs:")
-        for line in v.parity_lines():
-            log(f"               {line}")
-        os.replace(tmp, out)
-        report.total_seconds = time.perf_counter() - t_start
-        log(f"  wrote      {out} ({fmt_bytes(report.final_bytes)}, {report.final_nodes} nodes) "
-            f"in {report.total_seconds:.1f} s")
-        return report
-    finally:
-        # Any failure, KeyboardInterrupt included, removes the temporary file; after a
-        # successful rename it no longer exists.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        save_and_validate(proto, tmp, ckpt, report, log)
+    report.total_seconds = time.perf_counter() - t_start
+    log(f"  wrote      {out} ({fmt_bytes(report.final_bytes)}, {report.final_nodes} nodes) "
+        f"in {report.total_seconds:.1f} s")
+    return report

@@ -11,7 +11,7 @@ DQ-Conv-Q groups into QLinearConv with uint8 activations (180 ms against 400 ms 
 but only 2 of 21 with int8 activations, the rest running as float Conv between Q/DQ pairs
 (540 ms, slower than fp32); the error against torch is the same (relative RMS 0.020 both).
 Activation ranges are calibrated on what the model sees while sampling: real training images
-x_0 noised to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DESIGN.md) at timesteps spread
+x_0 noised to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/contract.md) at timesteps spread
 evenly over 0..T-1, with their one-hot classes and some all-zero (unconditional) contexts.
 Everything is seeded, so the same checkpoint and data give the same int8 file.
 """

@@ -6,7 +6,7 @@ can be used on its own (the benchmark suite, a hand-made file):
 1. the file is one self-contained model (no external weights);
 2. `onnx.checker.check_model(full_check=True)` and strict shape inference pass;
 3. the graph is static: no `If`, `Loop`, `Scan`, and no random ops;
-4. the interface is DESIGN.md's model contract (names, float32, one symbolic batch
+4. the interface is docs/contract.md's model contract (names, float32, one symbolic batch
    dimension shared by all inputs and the output) and the `mdx.*` metadata is present
    and agrees with the model;
 5. an ONNX Runtime CPU session loads it;
@@ -32,19 +32,16 @@ import numpy as np
 import onnx
 import torch
 
-INPUT_NAMES = ("sample", "timestep", "context")
-OUTPUT_NAMES = ("model_output",)
-PRECISIONS = ("fp32", "fp16", "int8")
+from mdx.runtime.contract import INPUTS, OUTPUT, PRECISIONS, PREDICTION_TYPES, REQUIRED_METADATA
+
+INPUT_NAMES = INPUTS
+OUTPUT_NAMES = (OUTPUT,)
 BATCH_SIZES = (1, 7, 64)
 
 # Ops that would make the graph data-dependent or non-deterministic.
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                         "Multinomial", "Bernoulli"})
-
-REQUIRED_METADATA = ("mdx.format", "mdx.image_size", "mdx.channels", "mdx.classes", "mdx.schedule",
-                     "mdx.prediction_type", "mdx.precision", "mdx.train_config", "mdx.checkpoint_sha256",
-                     "mdx.num_train_timesteps", "mdx.parameters")
 
 # (metric, bound) per precision. fp32: the arithmetic is the same as torch's up to
 # operation order, so an absolute bound. fp16 and int8: relative RMS error of the output.
@@ -108,6 +105,7 @@ class ValidationReport:
     checks: list[str] = field(default_factory=list)
     parity: list[ParityRow] = field(default_factory=list)
     seconds: float = 0.0
+    openvino: list[str] = field(default_factory=list)  # reported, not enforced (openvino_parity)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +120,7 @@ class ValidationReport:
         lines = [f"{'batch':>5}  {'max |err|':>10}  {'rel RMS':>10}  {bound} {self.parity[0].tolerance:g}"]
         for r in self.parity:
             lines.append(f"{r.batch:>5}  {r.max_abs:>10.3e}  {r.rel_rms:>10.3e}  {'ok' if r.ok else 'FAILED'}")
-        return lines
+        return lines + self.openvino
 
     def worst(self) -> ParityRow | None:
         """The batch furthest over (or nearest to) its bound; non-finite output first."""
@@ -180,7 +178,7 @@ def check_static_graph(model: onnx.ModelProto) -> None:
 
 
 def check_contract(model: onnx.ModelProto, channels: int, image_size: int, n_classes: int) -> str:
-    """Inputs/outputs as DESIGN.md's contract; returns the batch dimension's name."""
+    """Inputs/outputs as docs/contract.md's contract; returns the batch dimension's name."""
     g = model.graph
     init_names = {t.name for t in g.initializer}
     inputs = [v for v in g.input if v.name not in init_names]
@@ -234,7 +232,7 @@ def check_metadata(model: onnx.ModelProto, precision: str, channels: int, image_
         json.loads(meta["mdx.train_config"])
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"metadata is not valid: {e}") from None
-    if meta["mdx.prediction_type"] not in ("epsilon", "v_prediction"):
+    if meta["mdx.prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(f"metadata mdx.prediction_type is {meta['mdx.prediction_type']!r}")
     return meta
 
@@ -359,6 +357,7 @@ def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, prec
     metric, bound = TOLERANCES[precision]
     bound = bound if tolerance is None else float(tolerance)
     rng = np.random.default_rng(seed)
+    runs: list[tuple[dict, np.ndarray]] = []  # (inputs, CPU provider output) per batch
     for b in batch_sizes:
         feeds = parity_inputs(b, C, H, K, T, rng)
         ref = torch_reference(torch_model, feeds)
@@ -366,6 +365,7 @@ def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, prec
             (y,) = session.run(list(OUTPUT_NAMES), feeds)
         except Exception as e:  # noqa: BLE001
             fail("onnxruntime", f"running batch {b} failed ({str(e).strip().splitlines()[0]})")
+        runs.append((feeds, y))
         max_abs, rel_rms = error_figures(y, ref)
         report.parity.append(ParityRow(b, max_abs, rel_rms, metric, bound))
     report.seconds = time.perf_counter() - t0
@@ -376,4 +376,29 @@ def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, prec
             f"validation failed: parity with torch: {precision} {name} {w.value:.3e} at batch {w.batch} "
             f"exceeds {bound:g}\n" + "\n".join(report.parity_lines()), report)
     report.checks.append("parity")
+    report.openvino = openvino_parity(path, runs)
     return report
+
+
+def openvino_parity(path: Path, runs: list[tuple[dict, np.ndarray]]) -> list[str]:
+    """OpenVINO against the CPU provider on the same inputs: fp32 max |err| and bf16 relative
+    RMS, one line each, reported and not enforced (bf16 is a speed option whose quality
+    mdx-eval judges). [] without the plugin; a line saying why where a precision cannot run."""
+    from mdx.runtime.providers import openvino_installed
+    from mdx.runtime.session import ModelError, open_session
+
+    if not openvino_installed():
+        return []
+    lines = []
+    for precision in ("fp32", "bf16"):
+        try:
+            session = open_session(path, "openvino", compute_precision=precision)[0]
+        except ModelError as e:
+            lines.append(f"OpenVINO {precision}: not run ({e})")
+            continue
+        figures = [error_figures(session.run(list(OUTPUT_NAMES), feeds)[0], y) for feeds, y in runs]
+        worst = max(f[0] for f in figures) if precision == "fp32" else max(f[1] for f in figures)
+        name = "max |err|" if precision == "fp32" else "relative RMS"
+        lines.append(f"OpenVINO {precision} vs the CPU provider: {name} {worst:.3e} (batches "
+                     f"{', '.join(str(len(y)) for _, y in runs)}; reported, not enforced)")
+    return lines

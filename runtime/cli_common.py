@@ -21,16 +21,21 @@ def fail(prog: str, message: str, code: int = 2, *, one_line: bool = True) -> No
     sys.exit(code)
 
 
-def one_line_command(prog: str, user_errors: ErrorTypes = (), interrupted: str = "interrupted") -> type[click.Command]:
+def one_line_command(prog: str, user_errors: ErrorTypes = (), interrupted: str = "interrupted",
+                     failures: ErrorTypes = ()) -> type[click.Command]:
     """A click.Command class whose usage errors, Ctrl-C and `user_errors` end in one line.
 
     `user_errors` is a tuple of exception types or a function returning one (for modules that
-    import them lazily). Exit codes: 2 for user errors, 130 for an interrupt.
+    import them lazily). `failures` (same form) are errors of the tools rather than of the user,
+    e.g. a model that fails validation: `prog: error: ` and the message, whose further lines
+    (a table of numbers) are indented below it. Exit codes: 2 for user errors, 1 for failures,
+    130 for an interrupt.
     """
 
     class OneLineErrors(click.Command):
         def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
             errors = user_errors() if callable(user_errors) else tuple(user_errors)
+            failed = failures() if callable(failures) else tuple(failures)
             try:
                 rv = super().main(args=args, prog_name=prog_name or prog, complete_var=complete_var,
                                   standalone_mode=False, **extra)
@@ -40,6 +45,9 @@ def one_line_command(prog: str, user_errors: ErrorTypes = (), interrupted: str =
                 fail(prog, e.format_message())
             except errors as e:
                 fail(prog, str(e))
+            except failed as e:
+                first, *rest = str(e).splitlines() or [type(e).__name__]
+                fail(prog, first + "".join(f"\n    {line}" for line in rest), 1, one_line=False)
             code = rv if isinstance(rv, int) else 0
             if standalone_mode:
                 sys.exit(code)

@@ -6,35 +6,79 @@ that says why, and nothing is written.
 
     recorder, why_not = start_telemetry("gpu.csv")
     ... sample ...
-    if recorder: recorder.stop()    # writes the CSV (atomically)
+    if recorder: recorder.stop()    # writes the CSV (atomically; WriteError if it cannot)
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from mdx.runtime.fileio import atomic_write
+
 FIELDS = ("time_s", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "mem_total_mib", "power_w")
 
 
-class GpuTelemetry:
-    """Polls NVML every `interval` seconds on a daemon thread; `stop()` writes the CSV."""
+class Recorder:
+    """Polls `_read()` every `interval` seconds on a daemon thread into `rows`; `stop()` writes
+    them, under the header `fields`, as a CSV (atomically). Subclasses say what one reading is."""
 
-    def __init__(self, nvml, path: Path, device_index: int = 0, interval: float = 0.1) -> None:
-        self._nvml = nvml
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, interval: float = 0.1) -> None:
         self.path = Path(path)
-        self._handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
-        self.device_name = _text(nvml.nvmlDeviceGetName(self._handle))
         self._interval = interval
         self.rows: list[tuple] = []
         self._stop = threading.Event()
         self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._poll, name="mdx-telemetry", daemon=True)
+
+    def _begin(self) -> None:
+        """Start polling (subclasses call it at the end of their __init__)."""
         self._thread.start()
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self._start, 3)
+
+    def _read(self) -> tuple:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release what the readings need (after the last one)."""
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.rows.append(self._read())
+            self._stop.wait(self._interval)
+
+    def stop(self) -> Path:
+        """Stop polling (one last reading) and write the CSV; returns its path (WriteError if it cannot)."""
+        self._stop.set()
+        self._thread.join()
+        self.rows.append(self._read())
+        self._close()
+        with atomic_write(self.path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(self.fields)
+                writer.writerows(self.rows)
+        return self.path
+
+
+class GpuTelemetry(Recorder):
+    """Polls NVML every `interval` seconds on a daemon thread; `stop()` writes the CSV."""
+
+    fields = FIELDS
+
+    def __init__(self, nvml, path: Path, device_index: int = 0, interval: float = 0.1) -> None:
+        super().__init__(path, interval)
+        self._nvml = nvml
+        self._handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.device_name = _text(nvml.nvmlDeviceGetName(self._handle))
+        self._begin()
 
     def _read(self) -> tuple:
         nvml, h = self._nvml, self._handle
@@ -44,35 +88,11 @@ class GpuTelemetry:
             power = nvml.nvmlDeviceGetPowerUsage(h) / 1000.0  # mW -> W
         except nvml.NVMLError:  # some boards do not report power
             power = float("nan")
-        return (round(time.perf_counter() - self._start, 3), util.gpu, util.memory,
+        return (self.elapsed(), util.gpu, util.memory,
                 round(mem.used / 2**20, 1), round(mem.total / 2**20, 1), round(power, 1))
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.rows.append(self._read())
-            self._stop.wait(self._interval)
-
-    def stop(self) -> Path:
-        """Stop polling (one last reading) and write the CSV; returns its path."""
-        self._stop.set()
-        self._thread.join()
-        self.rows.append(self._read())
+    def _close(self) -> None:
         self._nvml.nvmlShutdown()
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".csv", dir=parent)
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(FIELDS)
-                writer.writerows(self.rows)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path
 
     def summary(self) -> str:
         if not self.rows:
@@ -90,9 +110,13 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def start_telemetry(path: str | os.PathLike, device_index: int = 0,
-                    interval: float = 0.1) -> tuple[GpuTelemetry | None, str]:
-    """Start recording; returns (recorder, "") or (None, why telemetry is not available)."""
+def start_telemetry(path: str | os.PathLike, device_index: int = 0, interval: float = 0.1,
+                    recorder: type[GpuTelemetry] = GpuTelemetry) -> tuple[GpuTelemetry | None, str]:
+    """Start recording; returns (recorder, "") or (None, why telemetry is not available).
+
+    `recorder` is GpuTelemetry or a subclass that records more per reading (mdx-train's adds
+    torch.cuda's memory figures).
+    """
     try:
         import pynvml  # nvidia-ml-py; optional, so imported only here
     except ImportError:
@@ -106,7 +130,7 @@ def start_telemetry(path: str | os.PathLike, device_index: int = 0,
         if device_index >= count:
             pynvml.nvmlShutdown()
             return None, f"telemetry off: no GPU {device_index} (NVML sees {count})"
-        return GpuTelemetry(pynvml, Path(path), device_index, interval), ""
+        return recorder(pynvml, Path(path), device_index, interval), ""
     except pynvml.NVMLError as e:
         pynvml.nvmlShutdown()
         return None, f"telemetry off: NVML failed ({_text(e)})"

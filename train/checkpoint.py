@@ -9,9 +9,10 @@ A run folder holds:
         optimizer.safetensors   AdamW moments, flattened to named tensors
         progress.json           step, epoch, optimizer hyper-parameters, scheduler state
 
-A checkpoint is first written to `checkpoint.tmp/`, then swapped in by two
-renames, so a process killed at any instant leaves either the old or the new
-checkpoint complete (`checkpoint.old/` is the fallback between the renames).
+A checkpoint is written into a temporary folder beside `checkpoint/` and swapped in
+whole by `mdx.runtime.fileio.atomic_dir`, so a process killed at any instant, or a disk
+that fills up, leaves either the old or the new checkpoint complete (a crash in the instant
+between the two renames leaves the old one as `.checkpoint.old-*`, which is then found).
 Each weights file also carries the run description in its safetensors
 metadata (`mdx.config`), so a single `ema.safetensors` is self-describing.
 Nothing is ever unpickled.
@@ -19,9 +20,11 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from mdx.runtime.contract import PREDICTION_TYPES
+from mdx.runtime.fileio import atomic_dir, atomic_write, write_error
 from mdx.runtime.schedules import Schedule, ScheduleError
 from mdx.train.model import ContextUnet, ModelConfig
 
 FORMAT = 1
-CKPT_DIR, TMP_DIR, OLD_DIR = "checkpoint", "checkpoint.tmp", "checkpoint.old"
+CKPT_DIR = "checkpoint"
+OLD_GLOB = f".{CKPT_DIR}.old-*"  # where atomic_dir keeps the previous folder during the swap
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+OPTIMIZER_FILE, PROGRESS_FILE = "optimizer.safetensors", "progress.json"  # inside CKPT_DIR
+CONFIG_FILE = "config.json"  # in the run folder
 
 
 class CheckpointError(ValueError):
@@ -46,7 +54,8 @@ class CheckpointError(ValueError):
 # --- small file helpers ---------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Make a file's or folder's contents durable (before a rename publishes them)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,14 +63,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON to `path` atomically (fileio.atomic_write); WriteError names the path on failure."""
+    with atomic_write(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        _fsync(tmp)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written atomically; WriteError names the path on failure."""
+    with atomic_write(path, suffix=".safetensors") as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # safetensors reports the OSError of its write as its own error
+            raise _as_oserror(e) from None
+        _fsync(tmp)
+
+
+def _as_oserror(e: SafetensorError) -> OSError:
+    """The OSError inside a safetensors write error ("... (os error 28)"), for WriteError's message."""
+    match = re.search(r"os error (\d+)", str(e))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def sha256_file(path: Path) -> str:
@@ -111,38 +134,47 @@ def state_to_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, config: dict, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, progress: dict) -> Path:
-    """Write a complete checkpoint into `run_dir/checkpoint/`, atomically as a whole."""
-    run_dir = Path(run_dir)
-    tmp, final, old = run_dir / TMP_DIR, run_dir / CKPT_DIR, run_dir / OLD_DIR
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write a complete checkpoint into `run_dir/checkpoint/`, replaced as a whole (fileio.atomic_dir).
+
+    A failure (no space, a read-only file system, the folder gone) raises WriteError and leaves
+    the previous checkpoint as it was, with no temporary folder beside it.
+    """
+    final = Path(run_dir) / CKPT_DIR
     meta = {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(progress.get("step", 0))}
-    save_file(state_to_cpu(model), tmp / WEIGHTS["raw"], metadata=meta)
-    save_file(state_to_cpu(ema), tmp / WEIGHTS["ema"], metadata=meta)
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    write_json_atomic(tmp / "progress.json", {**progress, "optimizer": opt_meta})
-    for f in tmp.iterdir():  # make the contents durable before the directory swap
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        write_tensors(tmp / WEIGHTS["raw"], state_to_cpu(model), meta)
+        write_tensors(tmp / WEIGHTS["ema"], state_to_cpu(ema), meta)
+        write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
+        write_json(tmp / PROGRESS_FILE, {**progress, "optimizer": opt_meta})
+        _fsync(tmp)
+    try:
+        _fsync(final.parent)  # make the swap itself durable
+        for stale in final.parent.glob(OLD_GLOB):  # left by a crash mid-swap, now superseded
+            shutil.rmtree(stale)
+    except OSError as e:
+        raise write_error(final.parent, e) from None
     return final
 
 
 # --- reading --------------------------------------------------------------------------
 
 
+def load_training_state(ck_dir: Path, model: torch.nn.Module, ema: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, device: str) -> dict:
+    """Load a checkpoint folder's weights, EMA and optimizer state in place; returns its progress."""
+    model.load_state_dict(load_file(str(ck_dir / WEIGHTS["raw"]), device=device))
+    ema.load_state_dict(load_file(str(ck_dir / WEIGHTS["ema"]), device=device))
+    progress = json.loads((ck_dir / PROGRESS_FILE).read_text())
+    optimizer_from_tensors(optimizer, load_file(str(ck_dir / OPTIMIZER_FILE), device=device), progress["optimizer"])
+    return progress
+
+
 def find_checkpoint_dir(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
-    for name in (CKPT_DIR, OLD_DIR):
-        d = Path(run_dir) / name
-        if (d / "progress.json").is_file():
+    run_dir = Path(run_dir)
+    for d in [run_dir / CKPT_DIR, *sorted(run_dir.glob(OLD_GLOB))]:
+        if (d / PROGRESS_FILE).is_file():
             return d
     return None
 
@@ -198,8 +230,9 @@ def parse_config(config: dict, where: Path) -> tuple[ModelConfig, Schedule, list
                               f"entries but the model has {mcfg.n_classes} classes")
     if sched.num_train_timesteps != mcfg.num_train_timesteps:
         raise CheckpointError(f"{where}: schedule has {sched.num_train_timesteps} timesteps, model {mcfg.num_train_timesteps}")
-    if config["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"{where}: unknown prediction_type {config['prediction_type']!r}")
+    if config["prediction_type"] not in PREDICTION_TYPES:
+        raise CheckpointError(f"{where}: unknown prediction_type {config['prediction_type']!r} "
+                              f"(known: {', '.join(PREDICTION_TYPES)})")
     return mcfg, sched, list(names), config["prediction_type"]
 
 
@@ -263,8 +296,5 @@ def make_run_config(model_config: ModelConfig, schedule: Schedule, class_names: 
 def save_weights_file(path: str | Path, module: torch.nn.Module, config: dict, step: int = 0) -> Path:
     """Write one self-describing weights file (atomically); what tests and tools use."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(step)}
-    save_file(state_to_cpu(module), tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_tensors(path, state_to_cpu(module), {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(step)})
     return path

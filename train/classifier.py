@@ -1,9 +1,10 @@
 """The emoji16 classifier behind mdx-eval: a small CNN whose penultimate layer is the feature
 space for the Fréchet distance and whose logits give the conditional accuracy.
 
-    python -m mdx.train.classifier --epochs 60 --seed 0 --out models/emoji16-classifier.onnx
+    python -m mdx.export.classifier --epochs 60 --seed 0 --out models/emoji16-classifier.onnx
 
-(about 5-10 minutes on one CPU thread; 0.878 held-out accuracy, 0.705 averaged over classes).
+trains it (this module) and exports it (mdx.export.classifier), in about 5-10 minutes on one
+CPU thread; 0.878 held-out accuracy, 0.705 averaged over classes.
 
 Training uses the TRAIN part of a fixed split, `split_indices(N, 0.2, seed=0)` (the same call
 the evaluator documents), so the held-out accuracy written into the model is measured on
@@ -14,36 +15,20 @@ where it overfits (98% train vs 86% held-out accuracy with flips and shifts alon
 horizontal flips, translations of up to 2 pixels, a white 4x4 cutout on half the images,
 AdamW weight decay 0.05 and dropout before the last layer.
 
-The ONNX file (opset 17, weights embedded, dynamic batch) has one input `images` float32
-(B, 3, 16, 16) in [-1, 1] and two outputs `logits` (B, K) and `features` (B, D), and
-metadata_props `mdx.classifier.*` that say what it is and how well it does.
+The ONNX file's interface and metadata are described in mdx.export.classifier.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shlex
-import sys
-import tempfile
 import time
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import click
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdx.train.data import EMOJI16_PATH, DataError, load_data, split_indices
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "models" / "emoji16-classifier.onnx"
-INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "features")
-FORMAT = "1"
-PARITY_ATOL = 1e-4  # ONNX Runtime vs torch, on logits and features (float32, same graph)
+from mdx.train.data import load_data, split_indices
 
 
 @dataclass(frozen=True)
@@ -212,121 +197,3 @@ def train_classifier(cfg: ClassifierConfig, log=_log) -> tuple[EmojiClassifier, 
     report["split"] = {"data": cfg.data, "holdout_fraction": cfg.holdout_fraction, "seed": cfg.split_seed,
                        "train": int(len(train_idx)), "holdout": int(len(holdout_idx))}
     return model, report
-
-
-# --- export ---------------------------------------------------------------------------------
-
-
-class _Exported(nn.Module):
-    """The eval-mode model with its two outputs named in order (logits, features)."""
-
-    def __init__(self, model: EmojiClassifier) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor):
-        logits, features = self.model(images)
-        return logits, features
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def export_onnx(model: EmojiClassifier, cfg: ClassifierConfig, report: dict, out: Path, command: str) -> dict:
-    """Write the ONNX file (atomically) with metadata; check ORT against torch; return the parity figures."""
-    import onnx
-    import onnxruntime as ort
-
-    model.eval()
-    size = cfg.image_size
-    example = (torch.zeros(2, 3, size, size),)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Exported(model), example, str(raw), dynamo=True, opset_version=17,
-                              external_data=False, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              dynamic_shapes={"images": {0: batch}}, verbose=False)
-        proto = onnx.load(str(raw))
-        opset = {o.domain: o.version for o in proto.opset_import}.get("", 0)
-        if opset != 17:
-            raise RuntimeError(f"the exported classifier has opset {opset}, not 17")
-        meta = {
-            "mdx.classifier.format": FORMAT,
-            "mdx.classes": json.dumps(report["class_names"]),
-            "mdx.image_size": str(size),
-            "mdx.channels": "3",
-            "mdx.classifier.input": "images float32 (B, 3, H, W) in [-1, 1]",
-            "mdx.classifier.feature_dim": str(model.feature_dim),
-            "mdx.classifier.holdout_accuracy": f"{report['accuracy']:.4f}",
-            "mdx.classifier.holdout_report": json.dumps({k: report[k] for k in
-                                                         ("accuracy", "balanced_accuracy", "per_class", "counts")}),
-            "mdx.classifier.split": json.dumps(report["split"]),
-            "mdx.classifier.data_sha256": _sha256(EMOJI16_PATH) if cfg.data == "emoji16" else "",
-            "mdx.classifier.train_config": json.dumps(asdict(cfg)),
-            "mdx.classifier.train_command": command,
-            "mdx.classifier.train_seconds": str(report["train_seconds"]),
-        }
-        del proto.metadata_props[:]
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.doc_string = "emoji16 classifier for mdx-eval: logits for the classes, features for the FD"
-        onnx.checker.check_model(proto, full_check=True)
-        final_tmp = Path(tmp) / "final.onnx"
-        onnx.save(proto, str(final_tmp))
-
-        # Parity: ONNX Runtime vs torch on real images, at a batch size other than the example's.
-        data = load_data(cfg.data, image_size=size)
-        x = to_model_input(data.images[:257])
-        want_logits, want_features = predict(model, x)
-        session = ort.InferenceSession(str(final_tmp), providers=["CPUExecutionProvider"])
-        got_logits, got_features = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-        parity = {"logits_max_abs": float(np.abs(got_logits - want_logits).max()),
-                  "features_max_abs": float(np.abs(got_features - want_features).max()), "atol": PARITY_ATOL}
-        if max(parity["logits_max_abs"], parity["features_max_abs"]) > PARITY_ATOL:
-            raise RuntimeError(f"ONNX Runtime and torch disagree beyond {PARITY_ATOL}: {parity}")
-        final_tmp.replace(out)
-    return parity
-
-
-# --- command line ---------------------------------------------------------------------------
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--epochs", type=click.IntRange(min=1), default=ClassifierConfig.epochs, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=ClassifierConfig.seed, show_default=True,
-              help="Weights, batch order and augmentation (the split is fixed: seed 0, fraction 0.2).")
-@click.option("--width", type=click.IntRange(min=4), default=ClassifierConfig.width, show_default=True,
-              help="Channels of the first block; the feature layer has 4 * width dimensions.")
-@click.option("--balance-power", type=click.FloatRange(0, 1), default=ClassifierConfig.balance_power,
-              show_default=True, help="Class weights (1 / frequency) ** power: 0 none, 1 fully balanced.")
-@click.option("--threads", type=click.IntRange(min=1), default=ClassifierConfig.threads, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
-def main(epochs, seed, width, balance_power, threads, out):
-    """Train the emoji16 classifier used by mdx-eval and export it to ONNX."""
-    cfg = ClassifierConfig(epochs=epochs, seed=seed, width=width, balance_power=balance_power, threads=threads)
-    command = "python -m mdx.train.classifier " + " ".join(
-        shlex.quote(a) for a in ["--epochs", str(epochs), "--seed", str(seed), "--width", str(width),
-                                 "--balance-power", str(balance_power)])
-    try:
-        model, report = train_classifier(cfg)
-    except DataError as e:
-        click.echo(f"mdx.train.classifier: error: {e}", err=True)
-        sys.exit(2)
-    parity = export_onnx(model, cfg, report, out, command)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"held-out accuracy {report['accuracy']:.4f} (balanced {report['balanced_accuracy']:.4f}) on "
-          f"{report['split']['holdout']} images; per class:")
-    for name, acc in report["per_class"].items():
-        print(f"  {name:<10} {acc:.4f}  ({report['counts'][name]} images)")
-    print(f"{params} parameters, features {model.feature_dim}-d, trained in {report['train_seconds']} s")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); ORT vs torch max |diff| logits "
-          f"{parity['logits_max_abs']:.2e}, features {parity['features_max_abs']:.2e}")
-
-
-if __name__ == "__main__":
-    main()

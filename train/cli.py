@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
-from typing import NoReturn
 
-from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
+from mdx.runtime.contract import PREDICTION_TYPES
+from mdx.runtime.fileio import WriteError
+from mdx.runtime.schedules import SCHEDULES
+from mdx.train.errors import TrainError
 
 TRAIN_EXTRA_HINT = "mdx-train needs the training extra: pip install 'microdiffusion[train]'"
+INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume)"
 
 
-def _fail(msg: str) -> NoReturn:
-    fail("mdx-train", msg)
-
-
-@click.command(cls=one_line_command("mdx-train"), context_settings=CONTEXT_SETTINGS)
+@click.command(cls=one_line_command("mdx-train", (TrainError, WriteError), interrupted=INTERRUPTED),
+               context_settings=CONTEXT_SETTINGS)
 @click.option("--data", default="emoji16", show_default=True,
               help="emoji16 (shipped), an .npz (images, labels, class_names), the course's sprites .npy, "
                    "or a folder with one sub-folder per class.")
 @click.option("--labels", default=None, help="Labels .npy for a sprites .npy (default: found beside it).")
 @click.option("--image-size", default=16, show_default=True, type=int, help="Training resolution (multiple of 4).")
 @click.option("--schedule", default="linear", show_default=True,
-              type=click.Choice(["linear", "quadratic", "sigmoid", "cosine"]), help="Noise schedule.")
+              type=click.Choice(list(SCHEDULES)), help="Noise schedule.")
 @click.option("--timesteps", default=500, show_default=True, type=int, help="Training timesteps T.")
 @click.option("--beta-start", default=1e-4, show_default=True, type=float)
 @click.option("--beta-end", default=0.02, show_default=True, type=float)
 @click.option("--prediction-type", default="epsilon", show_default=True,
-              type=click.Choice(["epsilon", "v_prediction"]), help="What the network predicts.")
+              type=click.Choice(list(PREDICTION_TYPES)), help="What the network predicts.")
 @click.option("--epochs", default=30, show_default=True, type=int)
 @click.option("--max-steps", default=None, type=int, help="Stop after this many optimiser steps (caps --epochs).")
 @click.option("--batch-size", default=128, show_default=True, type=int, help="Per process.")
@@ -67,18 +66,11 @@ def main(**opts) -> None:
         import torch  # noqa: F401
         import torchvision  # noqa: F401
     except ImportError:
-        _fail(TRAIN_EXTRA_HINT)
-    from mdx.train.trainer import TrainConfig, TrainError, train
+        raise TrainError(TRAIN_EXTRA_HINT) from None
+    from mdx.train.trainer import TrainConfig, train
 
     resume = opts.pop("resume")
-    try:
-        cfg = TrainConfig(**opts)
-        train(cfg, resume=resume, log=lambda m: click.echo(m, err=True))
-    except TrainError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        click.echo("mdx-train: interrupted; the last checkpoint is intact (resume with --resume)", err=True)
-        sys.exit(130)
+    train(TrainConfig(**opts), resume=resume, log=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Every submodule is built in `__init__` and `forward` has no Python control flow
 that depends on its inputs (the seed built a Conv2d inside `forward`, which
-exported as an unknown `aten::random`). Layout and sizes follow DESIGN.md.
+exported as an unknown `aten::random`). Layout and sizes follow docs/contract.md.
 
 Shapes: F = n_feat, K = n_classes, C = in_channels, H = image_size.
 """

@@ -1,7 +1,7 @@
 """The torch reference sampler: DDIM and DDPM in torch, on the torch model.
 
 It exists to check the deployed path: the runtime (numpy + ONNX Runtime) must
-reproduce these samples (issue: ONNX path = torch path). It follows DESIGN.md's
+reproduce these samples (issue: ONNX path = torch path). It follows docs/contract.md's
 random-number convention -- numpy draws x_T and then one draw per step that adds
 noise -- and diffusers' default scheduler semantics (leading timestep spacing,
 clip_sample on, DDIM set_alpha_to_one, DDPM fixed_small variance). The trainer

@@ -1,16 +1,19 @@
-"""Resource telemetry during training: NVML and torch.cuda on a GPU, RSS and CPU use without.
+"""Resource telemetry during training, on mdx.runtime.telemetry's recorder: NVML figures and
+torch.cuda memory on a GPU, RSS and CPU use without.
 
-A daemon thread samples every `interval` seconds into a CSV; `plot()` draws the
-columns over time to a PNG, like the seed's GPU-performance chart.
+A daemon thread samples every `interval` seconds; `stop()` writes the CSV (atomically) and
+`plot()` draws its columns over time to a PNG, like the seed's GPU-performance chart.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import threading
-import time
 from pathlib import Path
+from typing import Callable
+
+from mdx.runtime.fileio import atomic_write
+from mdx.runtime.telemetry import FIELDS, GpuTelemetry, Recorder, start_telemetry
 
 
 def _cpu_times() -> float:
@@ -30,83 +33,49 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Telemetry:
-    """Samples resource figures into `csv_path` until `stop()`; use as a context manager."""
+class CpuTelemetry(Recorder):
+    """Process RSS and CPU use (100% = one core busy) between readings."""
 
-    def __init__(self, csv_path: Path, device: str = "cpu", interval: float = 1.0, log=print) -> None:
-        self.csv_path, self.interval, self.log = Path(csv_path), interval, log
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._nvml = None
-        self._gpu = device.startswith("cuda")
-        if self._gpu:
-            try:
-                import pynvml  # provided by nvidia-ml-py
+    fields = ("time_s", "rss_mb", "cpu_pct")
 
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(_cuda_index(device))
-            except Exception as e:  # NVML missing or no driver: keep the torch figures
-                self.log(f"telemetry: NVML unavailable ({e}); recording torch.cuda memory only")
-        else:
-            self.log("telemetry: no GPU in use; recording process RSS and CPU use instead")
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        super().__init__(path, interval)
+        self._last = (self._start, _cpu_times())
+        self._begin()
 
-    def _columns(self) -> list[str]:
-        if self._gpu:
-            return ["time_s", "gpu_util_pct", "gpu_mem_used_mb", "gpu_temp_c", "gpu_power_w",
-                    "torch_mem_current_mb", "torch_mem_peak_mb"]
-        return ["time_s", "rss_mb", "cpu_pct"]
+    def _read(self) -> tuple:
+        now, cpu = self._start + self.elapsed(), _cpu_times()
+        pct = 100.0 * (cpu - self._last[1]) / max(now - self._last[0], 1e-9)
+        self._last = (now, cpu)
+        return (self.elapsed(), round(_rss_mb(), 3), round(pct, 3))
 
-    def _sample(self, t0: float, last: list[float]) -> list[float]:
-        now = time.perf_counter()
-        if not self._gpu:
-            cpu = _cpu_times()
-            pct = 100.0 * (cpu - last[1]) / max(now - last[0], 1e-9)
-            last[:] = [now, cpu]
-            return [now - t0, _rss_mb(), pct]
+
+class TorchGpuTelemetry(GpuTelemetry):
+    """The runtime's NVML readings plus torch.cuda's allocated memory (current and peak)."""
+
+    fields = FIELDS + ("torch_mem_current_mb", "torch_mem_peak_mb")
+
+    def _read(self) -> tuple:
         import torch
 
-        row = [now - t0, float("nan"), float("nan"), float("nan"), float("nan")]
-        if self._nvml is not None:
-            n, h = self._nvml, self._handle
-            row[1] = n.nvmlDeviceGetUtilizationRates(h).gpu
-            row[2] = n.nvmlDeviceGetMemoryInfo(h).used / 2**20
-            row[3] = n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)
-            row[4] = n.nvmlDeviceGetPowerUsage(h) / 1000.0
         stats = torch.cuda.memory_stats()
-        row += [stats.get("allocated_bytes.all.current", 0) / 2**20, stats.get("allocated_bytes.all.peak", 0) / 2**20]
-        return row
-
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        last = [t0, _cpu_times()]
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self._columns())
-            while True:
-                w.writerow([f"{v:.3f}" for v in self._sample(t0, last)])
-                f.flush()
-                if self._stop.wait(self.interval):
-                    break
-
-    def start(self) -> "Telemetry":
-        self._thread = threading.Thread(target=self._run, name="mdx-telemetry", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    __enter__ = start
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return super()._read() + (round(stats.get("allocated_bytes.all.current", 0) / 2**20, 1),
+                                  round(stats.get("allocated_bytes.all.peak", 0) / 2**20, 1))
 
 
-def _cuda_index(device: str) -> int:
-    return int(device.split(":")[1]) if ":" in device else 0
+def start_training_telemetry(csv_path: Path, device: str = "cpu", interval: float = 1.0,
+                             log: Callable[[str], None] = print) -> Recorder:
+    """A started recorder for `device`: NVML and torch.cuda figures on a GPU; the process's RSS
+    and CPU use on the CPU, or where NVML is not available (said aloud)."""
+    if not device.startswith("cuda"):
+        log("telemetry: no GPU in use; recording process RSS and CPU use instead")
+        return CpuTelemetry(csv_path, interval)
+    index = int(device.split(":")[1]) if ":" in device else 0
+    recorder, why_not = start_telemetry(csv_path, index, interval, recorder=TorchGpuTelemetry)
+    if recorder is None:
+        log(f"telemetry: {why_not}; recording process RSS and CPU use instead")
+        return CpuTelemetry(csv_path, interval)
+    return recorder
 
 
 def plot(csv_path: Path, png_path: Path) -> Path:
@@ -129,8 +98,9 @@ def plot(csv_path: Path, png_path: Path) -> Path:
     axes[-1, 0].set_xlabel("time (s)")
     fig.suptitle("mdx-train telemetry")
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_write(png_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return Path(png_path)

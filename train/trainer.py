@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
+from mdx.runtime.contract import PREDICTION_TYPES
+from mdx.runtime.fileio import WriteError, append_line, atomic_write, write_error, write_text
+from mdx.runtime.images import make_grid, to_uint8
 from mdx.runtime.schedules import SCHEDULES, Schedule, ScheduleError
 from mdx.train import checkpoint as ckpt
+from mdx.train.errors import TrainError
 from mdx.train.data import DataError, ImageData, load_data
 from mdx.train.model import ContextUnet, ModelConfig, count_parameters
 from mdx.train.reference import sample_reference
-
-
-class TrainError(ValueError):
-    """A bad training option or run folder; the message names the problem."""
 
 
 @dataclass
@@ -104,8 +104,9 @@ class TrainConfig:
         if not 0 <= self.class_balance <= 1:
             raise TrainError(f"--class-balance must be in [0, 1] (0 = data order, 1 = classes equally often), "
                              f"got {self.class_balance}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise TrainError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise TrainError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise TrainError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,16 +278,21 @@ class Run:
     schedule: Schedule
     device: str
     dist: Dist
+    sampler: DistributedSampler | ClassBalancedSampler
     total_steps: int
     steps_per_epoch: int
-    sqrt_abar: torch.Tensor
-    sqrt_one_minus_abar: torch.Tensor
-    sampler: DistributedSampler | ClassBalancedSampler
     step: int = 0
     flip: HorizontalFlip | None = None
     scaler: torch.amp.GradScaler | None = None
+    sqrt_abar: torch.Tensor = field(init=False, repr=False)  # (T,) on the device
+    sqrt_one_minus_abar: torch.Tensor = field(init=False, repr=False)  # (T,) on the device
     _order: torch.Tensor | None = field(default=None, repr=False)
     _order_epoch: int = -1
+
+    def __post_init__(self) -> None:
+        self.sqrt_abar = torch.tensor(self.schedule.sqrt_alphas_cumprod, dtype=torch.float32, device=self.device)
+        self.sqrt_one_minus_abar = torch.tensor(self.schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32,
+                                                device=self.device)
 
     @property
     def module(self) -> ContextUnet:
@@ -361,37 +367,42 @@ class Run:
                                  self.optimizer, self.progress(extra))
 
 
-def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Run:
-    """Validate the options, load the data, build model, EMA and optimizer (and resume)."""
-    cfg.validate()
-    schedule = cfg.make_schedule()
-    d = init_distributed(cfg.device)
-    device = resolve_device(cfg, d)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def load_training_data(cfg: TrainConfig) -> ImageData:
+    """The images and labels `cfg.data` names; TrainError naming a bad data set."""
     try:
-        data = load_data(cfg.data, image_size=cfg.image_size, labels=cfg.labels)
+        return load_data(cfg.data, image_size=cfg.image_size, labels=cfg.labels)
     except DataError as e:
         raise TrainError(str(e)) from None
 
-    out = Path(cfg.out)
-    config_file = out / "config.json"
-    if resume:
-        if ckpt.find_checkpoint_dir(out) is None:
-            raise TrainError(f"--resume: no checkpoint to resume in {out}")
-    elif ckpt.find_checkpoint_dir(out) is not None:
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """--resume needs a checkpoint in --out; a fresh run must not overwrite one."""
+    found = ckpt.find_checkpoint_dir(out)
+    if resume and found is None:
+        raise TrainError(f"--resume: no checkpoint to resume in {out}")
+    if not resume and found is not None:
         raise TrainError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
 
-    mcfg = ModelConfig(in_channels=data.images.shape[-1], n_feat=cfg.n_feat, n_classes=len(data.class_names),
-                       image_size=cfg.image_size, num_train_timesteps=cfg.timesteps)
-    run_config = ckpt.make_run_config(mcfg, schedule, list(data.class_names), cfg.prediction_type, asdict(cfg))
-    if resume:
-        old = json.loads(config_file.read_text()) if config_file.is_file() else None
-        key = first_difference(old, run_config) if old is not None else None
-        if key is not None:
-            raise TrainError(f"--resume: the run in {out} has a different {key} "
-                             f"({old.get(key)!r}, now {run_config[key]!r})")
 
+def check_same_run(out: Path, run_config: dict) -> None:
+    """--resume with other network or schedule options than the run was started with is an error."""
+    config_file = out / ckpt.CONFIG_FILE
+    old = json.loads(config_file.read_text()) if config_file.is_file() else None
+    key = first_difference(old, run_config) if old is not None else None
+    if key is not None:
+        raise TrainError(f"--resume: the run in {out} has a different {key} "
+                         f"({old.get(key)!r}, now {run_config[key]!r})")
+
+
+def model_config(cfg: TrainConfig, data: ImageData) -> ModelConfig:
+    """The network the options and the data describe."""
+    return ModelConfig(in_channels=data.images.shape[-1], n_feat=cfg.n_feat, n_classes=len(data.class_names),
+                       image_size=cfg.image_size, num_train_timesteps=cfg.timesteps)
+
+
+def build_networks(cfg: TrainConfig, mcfg: ModelConfig, run_config: dict, device: str, *, resume: bool,
+                   log: Callable[[str], None]) -> tuple[ContextUnet, ContextUnet]:
+    """The network and its EMA copy: the same seeded weights on every rank, or --init-from's."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ContextUnet(mcfg).to(device)
     ema = ContextUnet(mcfg).to(device)
@@ -403,48 +414,79 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], No
     else:
         ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, ema
 
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, C, H, W)
-    labels = torch.from_numpy(data.labels.astype(np.int64))
+
+def make_data_sampler(cfg: TrainConfig, data: ImageData, d: Dist) -> DistributedSampler | ClassBalancedSampler:
+    """This rank's per-epoch index order: shuffled, or class-balanced with --class-balance."""
     if cfg.class_balance > 0:
-        sampler = ClassBalancedSampler(data.labels, cfg.class_balance, d.world, d.rank, cfg.seed)
-    else:
-        sampler = DistributedSampler(range(len(images)), num_replicas=d.world, rank=d.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=False)
+        return ClassBalancedSampler(data.labels, cfg.class_balance, d.world, d.rank, cfg.seed)
+    return DistributedSampler(range(len(data.images)), num_replicas=d.world, rank=d.rank, shuffle=True,
+                              seed=cfg.seed, drop_last=False)
+
+
+def count_steps(cfg: TrainConfig, sampler) -> tuple[int, int]:
+    """(steps per epoch, total steps): --epochs of this rank's share, capped by --max-steps."""
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
-    step = 0
+
+def resume_state(out: Path, model: ContextUnet, ema: ContextUnet, optimizer: torch.optim.Optimizer, device: str,
+                 log: Callable[[str], None]) -> int:
+    """Load the run's last checkpoint into model, EMA and optimizer; returns its step."""
+    ck_dir = ckpt.find_checkpoint_dir(out)
+    try:
+        progress = ckpt.load_training_state(ck_dir, model, ema, optimizer, device)
+    except Exception as e:  # a corrupt checkpoint is the user's problem to see, in one line
+        raise TrainError(f"--resume: cannot load the checkpoint in {ck_dir} ({type(e).__name__}: {e})") from None
+    step = int(progress["step"])
+    log(f"resuming {out} at step {step}")
+    return step
+
+
+def images_tensor(data: ImageData) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Run:
+    """Validate the options, load the data, build model, EMA and optimizer (and resume)."""
+    cfg.validate()
+    schedule = cfg.make_schedule()
+    d = init_distributed(cfg.device)
+    device = resolve_device(cfg, d)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_training_data(cfg)
+    out = Path(cfg.out)
+    check_run_folder(out, resume)
+    mcfg = model_config(cfg, data)
+    run_config = ckpt.make_run_config(mcfg, schedule, list(data.class_names), cfg.prediction_type, asdict(cfg))
     if resume:
-        ck_dir = ckpt.find_checkpoint_dir(out)
-        try:
-            from safetensors.torch import load_file
+        check_same_run(out, run_config)
 
-            model.load_state_dict(load_file(str(ck_dir / "model.safetensors"), device=device))
-            ema.load_state_dict(load_file(str(ck_dir / "ema.safetensors"), device=device))
-            prog = json.loads((ck_dir / "progress.json").read_text())
-            ckpt.optimizer_from_tensors(optimizer, load_file(str(ck_dir / "optimizer.safetensors"), device=device),
-                                        prog["optimizer"])
-        except Exception as e:  # a corrupt checkpoint is the user's problem to see, in one line
-            raise TrainError(f"--resume: cannot load the checkpoint in {ck_dir} ({type(e).__name__}: {e})") from None
-        step = int(prog["step"])
-        log(f"resuming {out} at step {step}")
-
+    model, ema = build_networks(cfg, mcfg, run_config, device, resume=resume, log=log)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = make_data_sampler(cfg, data, d)
+    steps_per_epoch, total = count_steps(cfg, sampler)
+    step = resume_state(out, model, ema, optimizer, device, log) if resume else 0
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    sab = torch.tensor(schedule.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
-    s1m = torch.tensor(schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.startswith("cuda") else None
-    return Run(cfg, run_config, data, images.to(device), labels.to(device), model, ema, optimizer, schedule,
-               device, d, total, steps_per_epoch, sab, s1m, sampler, step=step,
-               flip=HorizontalFlip() if cfg.hflip else None, scaler=scaler)
+    return Run(cfg=cfg, run_config=run_config, data=data, images=images_tensor(data).to(device),
+               labels=torch.from_numpy(data.labels.astype(np.int64)).to(device), model=model, ema=ema,
+               optimizer=optimizer, schedule=schedule, device=device, dist=d, sampler=sampler,
+               total_steps=total, steps_per_epoch=steps_per_epoch, step=step,
+               flip=HorizontalFlip() if cfg.hflip else None,
+               scaler=torch.amp.GradScaler("cuda") if cfg.amp and device.startswith("cuda") else None)
 
 
 # --- outputs during training -----------------------------------------------------------
+
+METRICS_FILE, SAMPLES_DIR = "metrics.jsonl", "samples"
+TELEMETRY_CSV, TELEMETRY_PNG = "telemetry.csv", "telemetry.png"
+METRICS_EVERY = 20  # steps between metrics lines (and progress-bar figures)
 
 
 def save_sample_grid(run: Run, path: Path, steps: int = 25, seed: int = 0) -> Path:
@@ -454,83 +496,138 @@ def save_sample_grid(run: Run, path: Path, steps: int = 25, seed: int = 0) -> Pa
     context = np.repeat(np.eye(K, dtype=np.float32), per_class, axis=0)  # (K*8, K)
     samples = sample_reference(run.ema, run.schedule, sampler="ddim", steps=steps, context=context, seed=seed,
                                prediction_type=run.cfg.prediction_type, device=run.device)
-    return _save_grid(samples, path, nrow=per_class, scale=4)
+    return _save_grid(samples, path, columns=per_class, scale=4)
 
 
-def _save_grid(samples: np.ndarray, path: Path, nrow: int, scale: int) -> Path:
-    """(N, C, H, W) in [-1, 1] -> one PNG grid, `nrow` images per row, upscaled."""
-    import einops
+def _save_grid(samples: np.ndarray, path: Path, columns: int, scale: int) -> Path:
+    """(N, C, H, W) in [-1, 1] -> one PNG grid without gaps, `columns` images per row, upscaled."""
     from PIL import Image
 
-    imgs = ((samples.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)  # (N, C, H, W)
-    grid = einops.rearrange(imgs, "(r c) ch h w -> (r h) (c w) ch", c=nrow)
-    img = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    grid = make_grid(to_uint8(samples), columns, scale=scale, pad=0)  # (rows*H*scale, columns*W*scale, C)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
+    with atomic_write(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG")
     return path
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object a line (fileio.append_line). A resumed run first drops the
+    lines logged after its checkpoint (the run that died logged them; this one logs them again)."""
+
+    def __init__(self, path: Path, resumed_at: int | None = None) -> None:
+        self.path = path
+        if resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resumed_at]
+            write_text(path, "".join(line + "\n" for line in kept))
+
+    def add(self, record: dict) -> None:
+        append_line(self.path, json.dumps(record))
+
+
+def _logged_step(line: str) -> float:
+    """A metrics line's step; a line cut short (the disk filled mid-write) counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def start_run_folder(run: Run, out: Path, log: Callable[[str], None]) -> None:
+    """Create --out and write config.json; say what the run is."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+    ckpt.write_json(out / ckpt.CONFIG_FILE, run.run_config)
+    log(f"mdx-train: {count_parameters(run.ema):,} parameters, {len(run.data.images):,} images, "
+        f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {run.device}, world {run.dist.world}")
+
+
+class RunOutputs:
+    """What a run writes while it trains (rank 0 only): metrics, checkpoints, sample grids,
+    telemetry, and the progress bar."""
+
+    def __init__(self, run: Run, out: Path, log: Callable[[str], None], resume: bool) -> None:
+        from tqdm import tqdm
+
+        self.run, self.out, self.log, self.main = run, out, log, run.dist.main
+        self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not self.main, unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
+        self.metrics = MetricsLog(out / METRICS_FILE, run.step if resume else None) if self.main else None
+        self.telemetry = None
+        if run.cfg.telemetry and self.main:
+            from mdx.train.telemetry import start_training_telemetry
+
+            self.telemetry = start_training_telemetry(out / TELEMETRY_CSV, run.device, log=log)
+        self.loss_avg: float | None = None
+        self.t_last, self.n_last = time.perf_counter(), 0
+
+    def after_step(self, loss: float) -> None:
+        """Account for the step just taken; log, checkpoint and sample when due."""
+        run, cfg = self.run, self.run.cfg
+        self.loss_avg = loss if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * loss
+        self.n_last += cfg.batch_size * run.dist.world
+        self.bar.update(1)
+        last = run.step == run.total_steps
+        if run.step % METRICS_EVERY == 0 or last:
+            self._log_metrics()
+        if run.step % cfg.checkpoint_every == 0 or last:
+            run.save({"loss": self.loss_avg})
+        end_of_epoch = run.step % run.steps_per_epoch == 0
+        if self.main and cfg.sample_every and end_of_epoch and run.epoch % cfg.sample_every == 0 and not last:
+            save_sample_grid(run, self.out / SAMPLES_DIR / f"epoch-{run.epoch:04d}.png")
+
+    def _log_metrics(self) -> None:
+        run, now = self.run, time.perf_counter()
+        ips = self.n_last / max(now - self.t_last, 1e-9)
+        self.bar.set_postfix(loss=f"{self.loss_avg:.4f}", img_s=f"{ips:.0f}", epoch=run.epoch)
+        if self.metrics is not None:
+            self.metrics.add({"step": run.step, "epoch": run.epoch, "loss": self.loss_avg,
+                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": ips})
+        self.t_last, self.n_last = now, 0
+
+    def close(self, failing: bool) -> None:
+        """Close the bar and write the telemetry CSV (when a run fails, its own error is the one to see)."""
+        self.bar.close()
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.stop()
+        except WriteError:
+            if not failing:
+                raise
+            self.telemetry = None  # lost with the run's own error, which is reported instead
+
+    def finish(self) -> None:
+        """The final sample grid and the telemetry plot."""
+        save_sample_grid(self.run, self.out / SAMPLES_DIR / "final.png")
+        if self.telemetry is not None:
+            from mdx.train.telemetry import plot
+
+            plot(self.out / TELEMETRY_CSV, self.out / TELEMETRY_PNG)
+        self.log(f"mdx-train: done, {self.run.step} steps; checkpoint in {self.out / ckpt.CKPT_DIR}")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) a training run to its end; returns the run folder."""
-    from tqdm import tqdm
-
     run = build_run(cfg, resume=resume, log=log)
     out = Path(cfg.out)
     if run.dist.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json_atomic(out / "config.json", run.run_config)
-        except OSError as e:
-            raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
-        log(f"mdx-train: {count_parameters(run.ema):,} parameters, {len(run.data.images):,} images, "
-            f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps, device {run.device}, world {run.dist.world}")
-
-    telemetry = None
-    if cfg.telemetry and run.dist.main:
-        from mdx.train.telemetry import Telemetry
-
-        telemetry = Telemetry(out / "telemetry.csv", run.device, log=log).start()
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not run.dist.main, unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-    metrics = open(out / "metrics.jsonl", "a") if run.dist.main else None
-    loss_avg, t_last, n_last = None, time.perf_counter(), 0
+        start_run_folder(run, out, log)
+    outputs = RunOutputs(run, out, log, resume)
     try:
         while run.step < run.total_steps:
-            loss = run.train_step()
-            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
-            n_last += cfg.batch_size * run.dist.world
-            bar.update(1)
-            if run.step % 20 == 0 or run.step == run.total_steps:
-                now = time.perf_counter()
-                ips = n_last / max(now - t_last, 1e-9)
-                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", epoch=run.epoch)
-                if metrics:
-                    metrics.write(json.dumps({"step": run.step, "epoch": run.epoch, "loss": loss_avg,
-                                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": ips}) + "\n")
-                    metrics.flush()
-                t_last, n_last = now, 0
-            end_of_epoch = run.step % run.steps_per_epoch == 0
-            if run.step % cfg.checkpoint_every == 0 or run.step == run.total_steps:
-                run.save({"loss": loss_avg})
-            if (run.dist.main and cfg.sample_every and end_of_epoch and run.epoch % cfg.sample_every == 0
-                    and run.step < run.total_steps):
-                save_sample_grid(run, out / "samples" / f"epoch-{run.epoch:04d}.png")
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
-        if telemetry is not None:
-            telemetry.stop()
+            outputs.after_step(run.train_step())
+    except BaseException:
+        outputs.close(failing=True)
+        raise
+    outputs.close(failing=False)
     if run.dist.main:
-        save_sample_grid(run, out / "samples" / "final.png")
-        if telemetry is not None:
-            from mdx.train.telemetry import plot
-
-            plot(out / "telemetry.csv", out / "telemetry.png")
-        log(f"mdx-train: done, {run.step} steps; checkpoint in {out / ckpt.CKPT_DIR}")
+        outputs.finish()
     if run.dist.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -64,7 +64,9 @@ def test_class_weights():
 def test_shipped_classifier_records_how_it_was_trained():
     import onnx
 
-    proto = onnx.load(str(clf.DEFAULT_OUT))
+    from mdx.export.classifier import DEFAULT_OUT
+
+    proto = onnx.load(str(DEFAULT_OUT))
     meta = {p.key: p.value for p in proto.metadata_props}
     config = clf.ClassifierConfig(**json.loads(meta["mdx.classifier.train_config"]))
     assert (config.holdout_fraction, config.split_seed) == (0.2, 0)

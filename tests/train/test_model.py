@@ -1,6 +1,6 @@
 """Tests for mdx.train.model: the branch-free ContextUnet and its config.
 
-The network must export as one static graph (torch.export, strict), keep the sizes DESIGN.md
+The network must export as one static graph (torch.export, strict), keep the sizes docs/contract.md
 states for the default configuration, build every submodule in `__init__`, normalise the raw
 timestep index inside, and reject a bad ModelConfig with a ValueError.
 """
@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mdx.train.model import ContextUnet, ModelConfig, count_parameters
 
-# DESIGN.md: F = 64, K = 5, 16x16 RGB -> 1.48 M parameters and 0.30 GFLOP per image per forward.
+# docs/contract.md: F = 64, K = 5, 16x16 RGB -> 1.48 M parameters and 0.30 GFLOP per image per forward.
 DEFAULT_PARAMS = 1_481_027
 DEFAULT_GFLOP = 0.30
 GFLOP_RTOL = 0.02
