@@ -49,9 +49,12 @@ from typing import Callable, Iterator
 import click
 import numpy as np
 
+from mdx.runtime import contract
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
-from mdx.runtime.images import OutputError, save_npz
-from mdx.runtime.pipeline import PipelineError, generate, prepare_sampler, recommended_sampler_options, resolve_class
+from mdx.runtime.fileio import OutputError, write_text
+from mdx.runtime.images import save_npz
+from mdx.runtime.pipeline import PipelineError, generate, prepare_sampler, resolve_class
+from mdx.runtime.providers import COMPUTE_PRECISIONS
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import ScheduleError
 from mdx.runtime.session import ModelError, OnnxDenoiser
@@ -59,7 +62,6 @@ from mdx.runtime.session import ModelError, OnnxDenoiser
 PROG = "mdx-generate"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-FALLBACK = {"sampler": "ddim", "steps": 25, "guidance": 1.0}  # as mdx-sample, without mdx.recommended
 
 
 class GenerateError(ValueError):
@@ -152,53 +154,41 @@ def chosen_classes(class_names: tuple[str, ...], classes: str | None) -> list[st
 
 
 def resolve_settings(info, *, n, per_class, classes, unconditional, sampler, steps, guidance, eta, seed,
-                     shard_size) -> dict:
-    """The run's settings, as written to the manifest: the command line, else the model's
-    recommendation (mdx.recommended), else mdx-sample's fallback."""
+                     shard_size) -> tuple[dict, tuple[str, ...]]:
+    """The run's settings, as written to the manifest, and notes for the user. Sampler, steps,
+    guidance and options resolve as mdx-sample's (contract.resolve_settings): the command line,
+    else the model's recommendation (mdx.recommended), else the fallback."""
     if unconditional and (classes is not None or per_class is not None):
         raise GenerateError("--unconditional excludes --classes and --per-class")
     names = [] if unconditional else chosen_classes(info.class_names, classes)
     if per_class is not None:
         n = per_class * len(names)
-    recommended = {**FALLBACK, **{k: v for k, v in (info.recommended or {}).items() if k in FALLBACK}}
-    sampler = sampler or recommended["sampler"]
+    chosen = contract.resolve_settings(info, sampler, steps, guidance)
     T = info.schedule.num_train_timesteps
-    if steps is None:
-        steps = min(int(recommended["steps"]), T - 1 if sampler == "dpmpp" else T)
-    if steps > T:
-        raise GenerateError(f"--steps {steps} is more than the model's {T} training timesteps")
-    options = recommended_sampler_options(info, sampler)
-    prepare_sampler(info, sampler, steps, eta, options)  # a bad step count or option fails here
-    return {"n": int(n), "shard_size": int(shard_size), "classes": names, "unconditional": bool(unconditional),
-            "sampler": sampler, "steps": int(steps), "eta": float(eta),
-            "guidance": float(guidance if guidance is not None else recommended["guidance"]),
-            "seed": int(seed), "sampler_options": options}
+    if chosen.steps > T:
+        raise GenerateError(f"--steps {chosen.steps} is more than the model's {T} training timesteps")
+    prepare_sampler(info, chosen.sampler, chosen.steps, eta, chosen.sampler_options)  # a bad option fails here
+    settings = {"n": int(n), "shard_size": int(shard_size), "classes": names, "unconditional": bool(unconditional),
+                "sampler": chosen.sampler, "steps": int(chosen.steps), "eta": float(eta),
+                "guidance": float(chosen.guidance), "seed": int(seed), "sampler_options": dict(chosen.sampler_options)}
+    return settings, chosen.notes
 
 
 # --- the manifest and the shard files -------------------------------------------------
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise GenerateError(f"cannot write {path}: {e.strerror or e}") from None
+    """Write `data` atomically (fileio: a temporary file renamed over `path`; WriteError names it)."""
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def new_manifest(model: Path, sha256: str, info, settings: dict) -> dict:
+def new_manifest(model: Path, sha256: str, info, settings: dict, runtime: dict | None = None) -> dict:
+    """The manifest of a run not started yet; `runtime` says where it runs (provider, compute
+    precision): informative, since it may change between a run and its resumption."""
     return {"format": MANIFEST_FORMAT, "tool": PROG,
             "model": {"file": model.name, "sha256": sha256, "precision": info.precision,
                       "classes": list(info.class_names), "image_shape": list(info.sample_shape)},
-            "settings": settings, "shards": plan_shards(settings, info.class_names)}
+            "settings": settings, "runtime": runtime, "shards": plan_shards(settings, info.class_names)}
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -230,18 +220,19 @@ def read_manifest(out: Path, expected: dict) -> dict | None:
     return manifest
 
 
-def shard_complete(path: Path, labels: np.ndarray, image_shape: tuple[int, int, int]) -> bool:
-    """Whether `path` is a whole shard: the three arrays, with the shard's count and labels."""
+def shard_problem(path: Path, labels: np.ndarray, image_shape: tuple[int, int, int]) -> str | None:
+    """None when `path` is a whole shard (the three arrays, with the shard's count and labels),
+    else what is wrong with it: the shard is then sampled again."""
     C, H, W = image_shape
     try:
         with np.load(path) as data:
-            return (data["images"].shape == (len(labels), H, W, C) and data["samples"].shape == (len(labels), C, H, W)
-                    and np.array_equal(data["labels"], labels))
+            whole = (data["images"].shape == (len(labels), H, W, C) and data["samples"].shape == (len(labels), C, H, W)
+                     and np.array_equal(data["labels"], labels))
+        return None if whole else "other shapes or labels than this run's"
     except FileNotFoundError:
-        return False
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged: sampled again
-        click.echo(f"{PROG}: {path.name} is damaged ({type(e).__name__}); sampling it again", err=True)
-        return False
+        return "missing"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a torn or foreign file
+        return f"damaged ({type(e).__name__})"
 
 
 def clear_run(out: Path) -> None:
@@ -312,6 +303,7 @@ class Run:
     labels: np.ndarray  # (n,) every image's class, -1 unconditional
     pending: list[dict] = field(default_factory=list)
     skipped: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def settings(self) -> dict:
@@ -339,20 +331,28 @@ def open_run(model: Path, out: Path, denoiser: OnnxDenoiser, settings: dict, for
     """Check or start the manifest in `out` and find the shards still to sample."""
     prepare_out(out)
     sha256 = file_sha256(model)
-    expected = new_manifest(model, sha256, denoiser.info, settings)
+    expected = new_manifest(model, sha256, denoiser.info, settings,
+                            {"provider": denoiser.provider, "compute_precision": denoiser.compute_precision})
     if force:
         clear_run(out)
-    read_manifest(out, expected)  # refuses another run's folder
+    existing = read_manifest(out, expected)  # refuses another run's folder
     # The same settings give the same shards, so their records are rebuilt and only the files
     # decide what is done (a shard written just before a kill, its manifest update lost, counts).
     run = Run(out, model, sha256, denoiser, expected, run_labels(settings, denoiser.info.class_names))
+    before = (existing or {}).get("runtime")
+    if before and before != expected["runtime"]:
+        run.notes.append(f"earlier shards were sampled on {before.get('provider')} ({before.get('compute_precision')}), "
+                         f"these on {denoiser.provider} ({denoiser.compute_precision}): their rounding may differ")
     for shard in expected["shards"]:
         labels = run.labels[shard["start"]:shard["start"] + shard["count"]]
-        shard["done"] = shard_complete(out / shard["file"], labels, denoiser.info.sample_shape)
+        problem = shard_problem(out / shard["file"], labels, denoiser.info.sample_shape)
+        shard["done"] = problem is None
         if shard["done"]:
             run.skipped += 1
         else:
             run.pending.append(shard)
+            if problem != "missing":
+                run.notes.append(f"{shard['file']} is {problem}: sampling it again")
     write_json_atomic(out / MANIFEST, expected)
     return run
 
@@ -376,9 +376,11 @@ def run_local(run: Run, shards: list[dict]) -> Iterator[tuple[dict, np.ndarray]]
 
 
 def run_shards(run: Run, *, use_ray: bool = False, address: str | None = None, workers: int | None = None,
-               worker_cpus: int = 1, provider: str = "auto", max_shards: int | None = None,
+               worker_cpus: int = 1, max_shards: int | None = None,
                progress: RateProgress | None = None) -> RunReport:
-    """Sample the pending shards (at most `max_shards` of them), locally or on Ray, writing each."""
+    """Sample the pending shards (at most `max_shards` of them), locally or on Ray, writing each.
+    Ray's actors run the provider and compute precision this process's session resolved, so that
+    every shard is made the same way whichever node samples it."""
     shards = run.pending if max_shards is None else run.pending[:max_shards]
     progress = progress or RateProgress(sum(s["count"] for s in shards), enabled=False)
     startup, used, written, images = 0.0, 0, 0, 0
@@ -391,7 +393,7 @@ def run_shards(run: Run, *, use_ray: bool = False, address: str | None = None, w
         with connect(address, num_cpus=None if workers is None else workers * worker_cpus) as (ray, startup):
             start = progress.start = time.perf_counter()
             used = ray_workers(ray, workers, worker_cpus, len(shards))
-            for shard, samples in run_ray(ray, run, shards, used, worker_cpus, provider):
+            for shard, samples in run_ray(ray, run, shards, used, worker_cpus):
                 write_shard(run, shard, samples)
                 written, images = written + 1, images + shard["count"]
                 progress.update(shard["count"])
@@ -413,14 +415,15 @@ class ShardActor:
     batch of shard records (index, start, count, seed) to their samples."""
 
     def __init__(self, model_bytes: bytes, sha256: str, settings: dict, class_names: list[str],
-                 provider: str, threads: int) -> None:
+                 provider: str, compute_precision: str, threads: int) -> None:
         if hashlib.sha256(model_bytes).hexdigest() != sha256:
             raise RuntimeError("the model's bytes changed on the way to the Ray actor")
         # OnnxDenoiser reads a file; the bytes travel with the actor so nodes need no shared disk.
         with tempfile.TemporaryDirectory(prefix="mdx-generate-") as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(model_bytes)
-            self.denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads)
+            self.denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads,
+                                              compute_precision=compute_precision)
         self.settings = settings
         self.labels = run_labels(settings, tuple(class_names))
 
@@ -446,8 +449,7 @@ def ray_workers(ray, workers: int | None, worker_cpus: int, shards: int) -> int:
     return min(workers, shards)
 
 
-def run_ray(ray, run: Run, shards: list[dict], workers: int, worker_cpus: int,
-            provider: str) -> Iterator[tuple[dict, np.ndarray]]:
+def run_ray(ray, run: Run, shards: list[dict], workers: int, worker_cpus: int) -> Iterator[tuple[dict, np.ndarray]]:
     """Sample the shards on a Ray Data actor pool; yields each shard as it finishes (any order)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # this command draws its own
@@ -455,7 +457,8 @@ def run_ray(ray, run: Run, shards: list[dict], workers: int, worker_cpus: int,
     items = [{k: shard[k] for k in ("index", "start", "count", "seed")} for shard in shards]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
     constructor = dict(model_bytes=run.model.read_bytes(), sha256=run.sha256, settings=run.settings,
-                       class_names=list(run.denoiser.info.class_names), provider=provider, threads=worker_cpus)
+                       class_names=list(run.denoiser.info.class_names), provider=run.denoiser.provider,
+                       compute_precision=run.denoiser.compute_precision, threads=worker_cpus)
     mapped = dataset.map_batches(ShardActor, batch_size=1, batch_format="numpy", num_cpus=worker_cpus,
                                  compute=ray.data.ActorPoolStrategy(size=workers),
                                  fn_constructor_kwargs=constructor)
@@ -541,14 +544,17 @@ def summary(report: RunReport, out: Path) -> str:
 @click.option("--out", required=True, metavar="DIR", help="Output folder (created; its parent must exist).")
 @click.option("--force", is_flag=True, help="Replace another run's manifest and shards in DIR instead of refusing.")
 @click.option("--max-shards", type=int, default=None, help="Write at most this many shards now (resume later).")
-@click.option("--provider", default="auto", show_default=True, help="auto or an onnxruntime provider name.")
+@click.option("--provider", default="auto", show_default=True,
+              help="auto, cpu, cuda, openvino or an onnxruntime provider name (resolved here; Ray workers run the same).")
+@click.option("--compute-precision", type=click.Choice(COMPUTE_PRECISIONS), default="auto", show_default=True,
+              help="What OpenVINO computes in (as mdx-sample).")
 @click.option("--threads", type=int, default=None, help="Local run: ONNX Runtime threads (default: its choice).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run the shards on Ray Data (pip install 'microdiffusion[ray]').")
 @click.option("--address", default=None, help="--ray: join this cluster (auto, HOST:6379); default: a local one.")
 @click.option("--workers", type=int, default=None, help="--ray: actors (default: the cluster's CPUs / --worker-cpus).")
 @click.option("--worker-cpus", type=int, default=None, help="--ray: CPUs (and ONNX Runtime threads) per actor [1].")
 def main(model, n, per_class, classes, unconditional, sampler, steps, guidance, eta, seed, shard_size, out, force,
-         max_shards, provider, threads, use_ray, address, workers, worker_cpus):
+         max_shards, provider, compute_precision, threads, use_ray, address, workers, worker_cpus):
     """Generate many images into shard files, deterministic and resumable, locally or on Ray."""
     from mdx.runtime.cli import find_model
 
@@ -558,15 +564,18 @@ def main(model, n, per_class, classes, unconditional, sampler, steps, guidance, 
     if out.exists() and not out.is_dir():
         raise GenerateError(f"--out {out}: it exists and is not a folder")
     path = find_model(model)
-    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads)
-    settings = resolve_settings(denoiser.info, n=n, per_class=per_class, classes=classes,
+    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads, compute_precision=compute_precision)
+    settings, notes = resolve_settings(denoiser.info, n=n, per_class=per_class, classes=classes,
                                 unconditional=unconditional, sampler=sampler, steps=steps, guidance=guidance,
                                 eta=eta, seed=seed, shard_size=shard_size)
     run = open_run(path, out, denoiser, settings, force=force)
-    click.echo(f"{PROG}: {describe(run, denoiser.provider)}", err=True)
+    click.echo(f"{PROG}: {describe(run, denoiser.provider)}"
+               + "".join(f"; {note}" for note in (*denoiser.notes, *notes)), err=True)
+    for note in run.notes:
+        click.echo(f"{PROG}: {note}", err=True)
     todo = run.pending if max_shards is None else run.pending[:max_shards]
     report = run_shards(run, use_ray=use_ray, address=address, workers=workers, worker_cpus=worker_cpus or 1,
-                        provider=provider, max_shards=max_shards,
+                        max_shards=max_shards,
                         progress=RateProgress(sum(s["count"] for s in todo)))
     click.echo(summary(report, out))
 

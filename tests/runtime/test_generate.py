@@ -274,5 +274,5 @@ def test_help_lists_the_options():
     assert result.exit_code == 0
     for option in ("--model", "-n", "--per-class", "--classes", "--unconditional", "--sampler", "--steps",
                    "--guidance", "--eta", "--seed", "--shard-size", "--out", "--force", "--max-shards",
-                   "--provider", "--threads", "--ray", "--address", "--workers", "--worker-cpus"):
+                   "--provider", "--compute-precision", "--threads", "--ray", "--address", "--workers", "--worker-cpus"):
         assert option in result.output
