@@ -35,9 +35,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from mdx.runtime.contract import PREDICTION_TYPES
-from mdx.runtime.fileio import atomic_dir, atomic_write, write_error
+from mdx.runtime.fileio import WriteError, atomic_dir, atomic_write, write_error
 from mdx.runtime.schedules import Schedule, ScheduleError
-from mdx.train.model import ContextUnet, ModelConfig
+from mdx.train.model import ModelConfig
+from mdx.train.unet2d import (DEFAULT_ARCHITECTURE, UNet2DConfig, architecture_of, build_network,
+                              config_from_dict)
 
 FORMAT = 1
 CKPT_DIR = "checkpoint"
@@ -143,11 +145,16 @@ def save_checkpoint(run_dir: Path, config: dict, model: torch.nn.Module, ema: to
     meta = {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(progress.get("step", 0))}
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     with atomic_dir(final) as tmp:
-        write_tensors(tmp / WEIGHTS["raw"], state_to_cpu(model), meta)
-        write_tensors(tmp / WEIGHTS["ema"], state_to_cpu(ema), meta)
-        write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
-        write_json(tmp / PROGRESS_FILE, {**progress, "optimizer": opt_meta})
-        _fsync(tmp)
+        try:
+            write_tensors(tmp / WEIGHTS["raw"], state_to_cpu(model), meta)
+            write_tensors(tmp / WEIGHTS["ema"], state_to_cpu(ema), meta)
+            write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
+            write_json(tmp / PROGRESS_FILE, {**progress, "optimizer": opt_meta})
+            _fsync(tmp)
+        except WriteError as e:  # name the file as the user knows it, not the vanished temporary folder
+            raise WriteError(final / e.path.name if e.path.parent == tmp else final, e.reason) from None
+        except OSError as e:
+            raise write_error(final, e) from None
     try:
         _fsync(final.parent)  # make the swap itself durable
         for stale in final.parent.glob(OLD_GLOB):  # left by a crash mid-swap, now superseded
@@ -198,9 +205,9 @@ def read_safetensors_config(path: Path) -> dict:
 class LoadedCheckpoint:
     """A model rebuilt from a checkpoint, with everything the exporter needs to describe it."""
 
-    model: ContextUnet
+    model: torch.nn.Module  # ContextUnet or ContextUNet2D, by `architecture`
     config: dict
-    model_config: ModelConfig
+    model_config: ModelConfig | UNet2DConfig
     schedule: Schedule
     class_names: list[str]
     prediction_type: str
@@ -208,9 +215,15 @@ class LoadedCheckpoint:
     path: Path
     sha256: str
     step: int
+    architecture: str = DEFAULT_ARCHITECTURE
 
 
-def parse_config(config: dict, where: Path) -> tuple[ModelConfig, Schedule, list[str], str]:
+def run_architecture(config: dict) -> str:
+    """The architecture a run description names (runs from before unet2d name none: contextunet)."""
+    return config.get("architecture", DEFAULT_ARCHITECTURE)
+
+
+def parse_config(config: dict, where: Path) -> tuple[ModelConfig | UNet2DConfig, Schedule, list[str], str]:
     """Validate a run description; CheckpointError names what is wrong."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where}: config is not a JSON object")
@@ -220,7 +233,7 @@ def parse_config(config: dict, where: Path) -> tuple[ModelConfig, Schedule, list
     if missing:
         raise CheckpointError(f"{where}: config lacks {', '.join(missing)}")
     try:
-        mcfg = ModelConfig.from_dict(config["model"])
+        mcfg = config_from_dict(run_architecture(config), config["model"])
         sched = Schedule.from_dict(config["schedule"])
     except (TypeError, ValueError, ScheduleError) as e:
         raise CheckpointError(f"{where}: bad config: {e}") from None
@@ -267,7 +280,10 @@ def load_checkpoint(path: str | Path, weights: str = "ema", map_location: str = 
         state = load_file(str(f), device=map_location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: cannot read tensors ({e})") from None
-    model = ContextUnet(mcfg)
+    try:
+        model = build_network(run_architecture(config), mcfg)
+    except ValueError as e:  # e.g. diffusers missing for a unet2d
+        raise CheckpointError(f"{f}: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -277,14 +293,16 @@ def load_checkpoint(path: str | Path, weights: str = "ema", map_location: str = 
     step = 0
     with safe_open(str(f), framework="pt") as sf:
         step = int((sf.metadata() or {}).get("mdx.step", 0))
-    return LoadedCheckpoint(model, config, mcfg, sched, names, pred, weights, f, sha256_file(f), step)
+    return LoadedCheckpoint(model, config, mcfg, sched, names, pred, weights, f, sha256_file(f), step,
+                            run_architecture(config))
 
 
-def make_run_config(model_config: ModelConfig, schedule: Schedule, class_names: list[str],
+def make_run_config(model_config: ModelConfig | UNet2DConfig, schedule: Schedule, class_names: list[str],
                     prediction_type: str = "epsilon", train: dict | None = None) -> dict:
     """The run description stored in config.json and in every weights file."""
     return {
         "format": FORMAT,
+        "architecture": architecture_of(model_config),
         "model": model_config.to_dict(),
         "schedule": schedule.to_dict(),
         "class_names": list(class_names),
