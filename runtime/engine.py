@@ -42,7 +42,8 @@ from typing import Callable
 
 import numpy as np
 
-from mdx.runtime.pipeline import Generation, PipelineError, prepare_sampler, recommended_sampler_options
+from mdx.runtime.contract import recommended_sampler_options
+from mdx.runtime.pipeline import Generation, PipelineError, prepare_sampler
 
 
 class EngineError(ValueError):
@@ -81,7 +82,8 @@ def _positive_int(name: str, value, lo: int = 1) -> int:
 @dataclass(frozen=True)
 class EngineConfig:
     """Bounds of one engine. max_rows: rows per denoiser call (a guided image takes 2);
-    max_queue: requests waiting beyond the active ones; timeout_s: per request, from submission;
+    max_queue: requests waiting beyond the active ones (0: none wait; a request that fits at once
+    is still taken); timeout_s: per request, from submission;
     max_images: images per request."""
 
     max_rows: int = 64
@@ -350,7 +352,9 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise EngineClosed(f"engine {self.name} is shutting down")
-            if len(self._queue) >= self.config.max_queue:
+            used = sum(j.rows for _, j in self._active)
+            fits_now = not self._queue and (not self._active or used + job.rows <= self.config.max_rows)
+            if len(self._queue) >= self.config.max_queue and not fits_now:
                 self._stats.requests["rejected"] += 1
                 raise QueueFull(f"engine {self.name}: {len(self._queue)} requests wait already "
                                 f"(max_queue {self.config.max_queue}); retry later", self._retry_after())

@@ -328,3 +328,16 @@ def test_asyncio_wait_and_cancellation_by_the_awaiting_task():
         done, slow = asyncio.run(main(engine))
         wait_until(lambda: engine.stats().requests["cancelled"] == 1)
     assert done.samples.shape == (1, 1, 4, 4) and slow.future.cancelled()
+
+
+def test_max_queue_zero_takes_only_what_fits_at_once():
+    gate = threading.Event()
+    with Engine(FakeDenoiser(gate=gate), EngineConfig(max_rows=2, max_queue=0)) as engine:
+        first = engine.submit(fake_request(n=1, steps=1))
+        wait_until(lambda: engine.stats().active_requests == 1)
+        second = engine.submit(fake_request(n=1, steps=1))  # fits beside the first: taken
+        assert engine.stats().queue_depth == 1  # it joins between calls
+        with pytest.raises(QueueFull):
+            engine.submit(fake_request(n=1, steps=1))
+        gate.set()
+        first.result(10), second.result(10)
