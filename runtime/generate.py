@@ -321,6 +321,7 @@ class RunReport:
     seconds: float
     startup_seconds: float
     workers: int  # 0: the local run
+    first_seconds: float | None = None  # until the first shard was written (Ray: includes starting the actors)
 
     @property
     def images_per_second(self) -> float:
@@ -383,28 +384,29 @@ def run_shards(run: Run, *, use_ray: bool = False, address: str | None = None, w
     every shard is made the same way whichever node samples it."""
     shards = run.pending if max_shards is None else run.pending[:max_shards]
     progress = progress or RateProgress(sum(s["count"] for s in shards), enabled=False)
-    startup, used, written, images = 0.0, 0, 0, 0
+    startup, used, first, written, images = 0.0, 0, None, 0, 0
     start = time.perf_counter()
-    if not shards:
-        pass
-    elif use_ray:
+
+    def write_all(results: Iterator[tuple[dict, np.ndarray]]) -> None:
+        nonlocal first, written, images
+        for shard, samples in results:
+            write_shard(run, shard, samples)
+            first = time.perf_counter() - start if first is None else first
+            written, images = written + 1, images + shard["count"]
+            progress.update(shard["count"])
+
+    if shards and use_ray:
         from mdx.runtime.ray_cluster import connect
 
         with connect(address, num_cpus=None if workers is None else workers * worker_cpus) as (ray, startup):
             start = progress.start = time.perf_counter()
             used = ray_workers(ray, workers, worker_cpus, len(shards))
-            for shard, samples in run_ray(ray, run, shards, used, worker_cpus):
-                write_shard(run, shard, samples)
-                written, images = written + 1, images + shard["count"]
-                progress.update(shard["count"])
-    else:
-        for shard, samples in run_local(run, shards):
-            write_shard(run, shard, samples)
-            written, images = written + 1, images + shard["count"]
-            progress.update(shard["count"])
+            write_all(run_ray(ray, run, shards, used, worker_cpus))
+    elif shards:
+        write_all(run_local(run, shards))
     return RunReport(images=images, shards_written=written, shards_skipped=run.skipped,
                      shards_left=len(run.pending) - written, seconds=time.perf_counter() - start,
-                     startup_seconds=startup, workers=used)
+                     startup_seconds=startup, workers=used, first_seconds=first)
 
 
 # --- Ray Data -------------------------------------------------------------------------

@@ -123,3 +123,20 @@ def test_a_pool_larger_than_the_cluster_is_refused(ray, model_path, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "mdx-generate: error: --workers 3 x --worker-cpus 1 needs 3 CPUs; the Ray cluster has 2")
+
+
+@pytest.mark.timeout(90)
+def test_the_generate_benchmark_runs_its_sides(ray, model_path):
+    # benchmarks/generate.py needs a Ray cluster; it joins this module's (tiny settings: a check).
+    from mdx.bench import generate as bench
+
+    info = gen.OnnxDenoiser.load(model_path, threads=1).info
+    settings, _ = gen.resolve_settings(info, n=4, per_class=None, classes=None, unconditional=False, sampler=None,
+                                       steps=2, guidance=None, eta=0.0, seed=0, shard_size=2)
+    results = bench.measure(model_path, settings, [0, 1], worker_cpus=1, repeats=1)
+    assert [r["side"] for r in results["rows"]] == ["local", "ray-1"]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 and r["first_shard_s"] <= r["median_s"]
+               for r in results["rows"])
+    assert results["rows"][0]["speedup_vs_local"] == 1.0
+    text = bench.table(results)
+    assert "| ray-1 | 1 x 1 |" in text and "Ray start-up" in text
