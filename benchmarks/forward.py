@@ -6,9 +6,15 @@ Backends (each a `Backend`: a name, how to build a callable for a batch, record 
     torch.compile      torch.compile(model, dynamic=False): one compile per batch size, whose
                        time (the first call minus an eager call, inductor's on-disk caches
                        off, so it is a cold compile every run) is reported as compile_s
+    torch channels_last  eager fp32 with weights and inputs in NHWC memory (oneDNN's layout)
+    torch bf16 autocast  channels_last under torch.autocast("cpu", bfloat16); only where the CPU
+                       has native bf16 (amx_bf16 / avx512_bf16), else skipped with the reason
     onnxruntime fp32 / fp16 / int8   the exported files in an OnnxDenoiser session on the CPU
                        provider, called through its reused IO binding (`binding(batch).run()`,
                        no copies): exactly what the runtime's sampling loop does
+    openvino fp32 / bf16 / int8   the same files on ONNX Runtime's OpenVINO plugin (compute
+                       precision f32 / bf16 / auto), same IO binding; skipped with the runtime's
+                       reason where the plugin is missing, offers no device (AMD) or bf16 is not native
 
 All backends of one batch size take turns (A B C ... A B C ...): a warm-up call each, three
 calibration calls that size a timed repeat (~`target_s` of back-to-back calls, from the fastest
@@ -30,7 +36,7 @@ import numpy as np
 
 from mdx.bench.memory import _inputs, measure_peak_rss
 from mdx.bench.records import make_record
-from mdx.bench.roofline import achieved_gflops, peak_share
+from mdx.bench.roofline import achieved_gflops, peak_for, peak_share
 from mdx.bench.timing import InterleavedTimer, calibrate_number
 
 BATCHES = (1, 8, 32, 128)
@@ -38,6 +44,7 @@ BATCHES = (1, 8, 32, 128)
 # machine) drops batch 8 rather than 128.
 RUN_ORDER = (1, 128, 32, 8)
 CPU = "CPUExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 PAUSE_S = 0.05  # idle gap before each timed repeat: lets the other side's spinning threads sleep (timing.py)
 
 
@@ -73,6 +80,59 @@ def torch_eager_backend(net) -> Backend:
         return call
 
     return Backend("torch eager", "torch", "cpu", "fp32", "eager", net.name, make)
+
+
+def torch_channels_last_backend(net) -> Backend:
+    """torch eager fp32 with the weights and inputs in channels_last (NHWC) memory: oneDNN's
+    preferred layout for CPU convolutions."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(net.torch_model).to(memory_format=torch.channels_last)
+
+    def make(batch: int):
+        x, t, c = (torch.from_numpy(a) for a in _inputs(batch, net.sample_shape, net.num_classes,
+                                                         net.num_train_timesteps))
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        def call():
+            with torch.inference_mode():
+                return model(x, t, c)
+        return call
+
+    return Backend("torch channels_last", "torch", "cpu", "fp32", "channels_last", net.name, make)
+
+
+def bf16_skip_reason() -> str | None:
+    """None where the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), else why bf16 rows skip."""
+    from mdx.runtime.providers import cpu_isa
+
+    isa = cpu_isa()
+    if isa.native_bf16:
+        return None
+    return (f"the CPU has no native bf16 (amx_bf16 or avx512_bf16; {isa.describe()}): bf16 would be emulated "
+            f"or fall back to fp32, so it is not a configuration anyone would deploy here")
+
+
+def torch_bf16_backend(net) -> Backend:
+    """torch eager under bf16 autocast (oneDNN's AMX / AVX512-BF16 kernels), channels_last."""
+    import torch
+
+    cl = torch_channels_last_backend(net)
+    be = Backend("torch bf16 autocast", "torch", "cpu", "bf16", "bf16_autocast", net.name, make=None)  # type: ignore[arg-type]
+    be.skipped = bf16_skip_reason()
+
+    def make(batch: int):
+        inner = cl.make(batch)
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return inner()
+        return call
+
+    be.make = make
+    return be
 
 
 def torch_compile_backend(net, compile_batches, budget=None, log=print) -> Backend:
@@ -136,11 +196,25 @@ def _inductor_caches_off():
         return contextlib.nullcontext()
 
 
-def onnx_backend(net, precision: str, threads: int, label: str | None = None) -> Backend:
-    from mdx.runtime.session import OnnxDenoiser
+def onnx_backend(net, precision: str, threads: int, label: str | None = None, provider: str = CPU,
+                 compute_precision: str = "auto") -> Backend:
+    """The `precision` file in an OnnxDenoiser session on `provider` (the CPU provider, or OpenVINO
+    computing in `compute_precision`), called through its reused IO binding. A provider that
+    cannot run here gives a skipped Backend with the runtime's own one-line reason."""
+    from mdx.runtime.session import ModelError, OnnxDenoiser
 
     path = net.onnx[precision]
-    den = OnnxDenoiser.load(path, provider=CPU, threads=threads)
+    openvino = provider == OPENVINO
+    shown = ("bf16" if compute_precision == "bf16" else precision) if openvino else precision
+    key = label or (f"openvino {shown}" if openvino else f"onnxruntime {precision}")
+    be = Backend(key, "onnxruntime", provider, shown, "io_binding", net.name, make=None,  # type: ignore[arg-type]
+                 extra={"model_file": path.name})
+    try:
+        den = OnnxDenoiser.load(path, provider=provider, threads=threads, compute_precision=compute_precision)
+    except ModelError as e:
+        be.skipped = str(e)
+        return be
+    be.extra["compute_precision"] = den.compute_precision
 
     def make(batch: int):
         bound = den.binding(batch)
@@ -150,8 +224,19 @@ def onnx_backend(net, precision: str, threads: int, label: str | None = None) ->
         bound.context[...] = c
         return bound.run
 
-    return Backend(label or f"onnxruntime {precision}", "onnxruntime", CPU, precision, "io_binding", net.name, make,
-                   extra={"model_file": path.name})
+    be.make = make
+    return be
+
+
+def openvino_backends(net, threads: int) -> list[Backend]:
+    """OpenVINO f32 and bf16 on the fp32 file, and the int8 file at OpenVINO's auto precision
+    (skipped, with the reason, where the plugin or native bf16 is missing)."""
+    out = []
+    if "fp32" in net.onnx:
+        out += [onnx_backend(net, "fp32", threads, provider=OPENVINO, compute_precision=p) for p in ("fp32", "bf16")]
+    if "int8" in net.onnx:
+        out.append(onnx_backend(net, "int8", threads, provider=OPENVINO, compute_precision="auto"))
+    return out
 
 
 class SkipItem(Exception):
@@ -192,18 +277,23 @@ def memory_specs(net, threads: int, batches, include_compile: bool) -> dict[str,
     return specs
 
 
-def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops: float | None,
+def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops: dict | float | None,
                 batches=BATCHES, repeats: int = 5, target_s: float = 0.1, compile_batches=BATCHES,
                 with_compile: bool = True, measure_memory: bool = True, budget=None, log=print,
                 shipped=None) -> list[dict]:
-    """Records of suite (a) on the CPU for `net` (and the `shipped` network's ONNX files, if given)."""
+    """Records of suite (a) on the CPU for `net` (and the `shipped` network's ONNX files, if given).
+
+    peak_gflops: the matmul roofs per precision (roofline.measure_matmul_peak's `peaks`), or one
+    fp32 figure; each record's peak_share is against the roof of the precision that ran."""
+    peaks = peak_gflops
+    peak_gflops = peak_for(peaks, "fp32")
     import torch
 
     torch.set_num_threads(threads)
     backends: list[Backend] = []
     skipped: list[dict] = []
     if net.torch_model is not None:
-        backends.append(torch_eager_backend(net))
+        backends += [torch_eager_backend(net), torch_channels_last_backend(net), torch_bf16_backend(net)]
         if with_compile:
             backends.append(torch_compile_backend(net, set(compile_batches), budget, log))
     for precision in ("fp32", "fp16", "int8"):
@@ -219,6 +309,7 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
         for precision in shipped.onnx:
             backends.append(onnx_backend(shipped, precision, threads, label=f"shipped {precision}"))
         shipped_flops = getattr(shipped, "flops_per_image", None)
+    backends += openvino_backends(net, threads)  # the torch side's network: the headline compares like with like
 
     mem = {}
     if measure_memory:
@@ -275,8 +366,9 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
                      **be.per_batch.get(batch, {})}
             if fpi:
                 g = achieved_gflops(fpi, batch, st.median_s)
-                extra.update(gflops=round(g, 2), peak_share=(round(peak_share(g, peak_gflops), 4)
-                                                             if peak_gflops else None), flops_per_image=fpi)
+                roof = peak_for(peaks, be.precision)
+                extra.update(gflops=round(g, 2), peak_share=(round(peak_share(g, roof), 4) if roof else None),
+                             roof_gflops=roof, flops_per_image=fpi)
             m = mem.get(be.key)
             if m is not None:
                 if "error" in m:

@@ -13,7 +13,7 @@ import platform
 import socket
 from importlib import metadata
 
-LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "numpy", "onnx", "onnxscript", "onnxsim", "matplotlib",
+LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-ep-openvino", "numpy", "onnx", "onnxscript", "onnxsim", "matplotlib",
              "nvidia-ml-py", "psutil", "microdiffusion")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
              "amx_bf16", "avx_vnni")
@@ -147,6 +147,31 @@ def load_snapshot(top: int = 3) -> dict:
     return snap
 
 
+def isa_info() -> dict:
+    """The ISA flags that decide mdx's compute precision and provider (mdx.runtime.providers)."""
+    from mdx.runtime.providers import cpu_isa
+
+    isa = cpu_isa()
+    return {"vendor": isa.vendor, "flags": sorted(isa.flags), "native_bf16": isa.native_bf16,
+            "avx512": isa.avx512, "source": isa.source}
+
+
+def openvino_info() -> dict:
+    """Whether the OpenVINO plugin is installed and offers a CPU device here (and why not)."""
+    from mdx.runtime import providers
+
+    out = {"installed": providers.openvino_installed(), "cpu_device": False, "why_not": None,
+           "auto_prefers": providers.auto_prefers_openvino(providers.cpu_isa())[0]}
+    if not out["installed"]:
+        out["why_not"] = f"not installed ({providers.OPENVINO_INSTALL})"
+        return out
+    try:
+        out["cpu_device"] = bool(providers.require_openvino_cpu_devices(providers.cpu_isa()))
+    except providers.ProviderError as e:
+        out["why_not"] = str(e)
+    return out
+
+
 def machine_info() -> dict:
     """The `machine` section of results.json."""
     info = {
@@ -157,6 +182,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "physical_cores": physical_cores(),
         "cpu_flags": cpu_flags(),
+        "isa": isa_info(),
+        "openvino": openvino_info(),
         "memory_gb": memory_gb(),
         "gpus": gpu_info(),
         "versions": versions(),

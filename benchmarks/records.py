@@ -4,7 +4,7 @@ Every record holds at least
 
     suite       "forward" | "sampling" | "training" | "quality" | "roofline"
     backend     "torch" | "onnxruntime"
-    provider    "CPUExecutionProvider" | "CUDAExecutionProvider" | "cpu" | "cuda"
+    provider    "CPUExecutionProvider" | "CUDAExecutionProvider" | "OpenVINOExecutionProvider" | "cpu" | "cuda"
     precision   "fp32" | "fp16" | "int8" (training: the training precision)
     sampler, steps, guidance    sampling and quality runs (None elsewhere)
     batch       images per network evaluation (sampling: images generated per run)
@@ -23,7 +23,7 @@ from mdx.bench.timing import Stats
 
 SUITES = ("forward", "sampling", "training", "quality")
 BACKENDS = ("torch", "onnxruntime")
-PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "cpu", "cuda")
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "int8", "bf16", "amp")
 REQUIRED = ("suite", "backend", "provider", "precision", "sampler", "steps", "guidance", "batch",
             "median_s", "p90_s", "images_per_s")

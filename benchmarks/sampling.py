@@ -10,7 +10,7 @@ Sides of every comparison (timed A B A B, one whole run per timed repeat):
   arithmetic is then identical on both sides and only the network differs.
 - ONNX Runtime: `mdx.runtime.pipeline.generate` on an OnnxDenoiser (CPU provider, IO binding).
 
-Both sides draw their noise as DESIGN.md says (numpy default_rng(seed): x_T, then one draw
+Both sides draw their noise as docs/contract.md says (numpy default_rng(seed): x_T, then one draw
 per noisy step), so they produce the same images up to float rounding; `max_abs_diff` of
 each record is the largest difference between the two sides' final samples, a check that
 the comparison is like for like. With guidance s != 1 both sides run the conditional and
@@ -31,6 +31,7 @@ from mdx.bench.records import make_record
 from mdx.bench.timing import InterleavedTimer
 
 CPU = "CPUExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 GUIDANCE = 3.0
 SEED = 0
 
@@ -41,12 +42,24 @@ class Config:
     steps: int | None  # None = all T training timesteps (DDPM-T)
     guidance: float
     batch: int
+    peers: bool = False  # also every deployed mdx config and torch at its best (the headline)
+
+
+# The headline's settings: the shipped model's recommendation and the fast default.
+HEADLINE = (("dpmpp", 20, 5.0), ("ddim", 25, 1.0))
+HEADLINE_BATCHES = (1, 8, 32, 128)
+
+
+def headline_configs(batches=HEADLINE_BATCHES) -> list[Config]:
+    """DPM-Solver++ 20 at guidance 5 and DDIM 25, at each batch, with every peer."""
+    return [Config(s, n, g, b, peers=True) for b in batches for s, n, g in HEADLINE]
 
 
 def quick_configs() -> list[Config]:
     """Every sampler and step count at batch 1 with and without guidance, and DDIM-25 at batch 128.
     The two runs the targets are about come first, so a tight time budget never drops them."""
-    out = [Config("ddim", 25, 1.0, 1), Config("ddim", 25, 1.0, 128)]
+    out = [Config("ddim", 25, 1.0, 1, peers=True), Config("ddim", 25, 1.0, 128, peers=True),
+           Config("dpmpp", 20, 5.0, 1, peers=True)]
     out += [Config(s, n, g, 1) for s, n in (("ddim", 25), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("ddpm", None))
             for g in (1.0, GUIDANCE) if (s, n, g) != ("ddim", 25, 1.0)]
     return out
@@ -58,15 +71,17 @@ def smoke_configs() -> list[Config]:
 
 
 def full_configs() -> list[Config]:
-    """quick, plus DDPM-T at batch 8, every few-step sampler at batch 32 with and without
+    """quick, the headline's runs at every batch, plus DDPM-T at batch 8, every few-step sampler at batch 32 with and without
     guidance and at batch 128 without (with guidance, batch 128 is a 256-image network call:
     the full suite's 30 minutes on 2 cores do not hold it)."""
     few = (("ddim", 25), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20))
-    out = quick_configs()
+    out = quick_configs() + headline_configs()
     out.append(Config("ddpm", None, 1.0, 8))
     out += [Config(s, n, g, 32) for s, n in few for g in (1.0, GUIDANCE)]
     out += [Config(s, n, 1.0, 128) for s, n in few if (s, n) != ("ddim", 25)]
-    return out
+    seen: set = set()  # the first of two equal settings wins (the headline's, with its peers)
+    return [c for c in out if not ((c.sampler, c.steps, c.guidance, c.batch) in seen
+                                   or seen.add((c.sampler, c.steps, c.guidance, c.batch)))]
 
 
 def context_rows(n: int, K: int) -> np.ndarray:
@@ -147,13 +162,138 @@ def forward_cost_model(forward_records: list[dict], network: str) -> dict[str, c
     return out
 
 
-def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, forward_records=(),
-                 budget=None, log=print, int8: bool = False) -> list[dict]:
-    """Records of suite (b) on the CPU for `net` (torch model + its fp32 ONNX file)."""
+@dataclass
+class Side:
+    """One side of a sampling comparison: how to run it, and what its record says it was."""
+
+    key: str
+    backend: str  # "torch" | "onnxruntime"
+    provider: str
+    precision: str
+    variant: str
+    implementation: str
+    run: object  # (cfg, steps, context) -> samples
+    warm: object  # model batch -> a zero-argument call (one network evaluation)
+    peer: bool = False  # runs only in Config.peers comparisons
+    skipped: str | None = None
+
+
+class TorchVariant:
+    """The torch model as oneDNN likes it: channels_last weights and inputs, optionally under
+    bf16 autocast (the output back in float32 for the numpy sampler)."""
+
+    def __init__(self, model, bf16: bool) -> None:
+        import copy
+
+        import torch
+
+        self.config = model.config
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        self.bf16 = bf16
+
+    def __call__(self, x, t, c):
+        import torch
+
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not self.bf16:
+            return self.model(x, t, c).contiguous()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x, t, c).float().contiguous()
+
+
+def _torch_warm(model, net):
     import torch
 
+    def make(mb: int):
+        xs, ts_, cs = torch.zeros((mb, *net.sample_shape)), torch.zeros(mb), torch.zeros((mb, net.num_classes))
+
+        def call():
+            with torch.inference_mode():
+                model(xs, ts_, cs)
+        return call
+    return make
+
+
+def torch_sides(net) -> list[Side]:
+    """torch eager (the reference sampler where it has one), and the peers: channels_last and
+    bf16 autocast (native bf16 only) driven by the runtime's numpy sampler."""
+    import torch
+
+    from mdx.bench.forward import bf16_skip_reason
+
+    def eager(cfg, steps, context):
+        return _torch_side(net, cfg, steps, context)[0]()
+
+    sides = [Side("torch", "torch", "cpu", "fp32", "eager", "see implementation", eager, _torch_warm(net.torch_model, net))]
+    for key, precision, bf16 in (("torch channels_last", "fp32", False), ("torch bf16 autocast", "bf16", True)):
+        model = TorchVariant(net.torch_model, bf16)
+
+        def run(cfg, steps, context, model=model):
+            with torch.inference_mode():
+                return torch_sampler_loop(model, net.schedule, cfg.sampler, steps, context, SEED, cfg.guidance)
+        sides.append(Side(key, "torch", "cpu", precision, key.split(" ", 1)[1].replace(" ", "_"),
+                          "torch model (channels_last" + (", bf16 autocast" if bf16 else "") + ") + mdx.runtime "
+                          "numpy sampler", run, _torch_warm(model, net), peer=True,
+                          skipped=bf16_skip_reason() if bf16 else None))
+    return sides
+
+
+def onnx_sides(net, threads: int, int8: bool) -> list[Side]:
+    """ORT CPU fp32 (always), int8 (when asked), and the peers: OpenVINO f32, bf16 and int8
+    where they run (skipped with the runtime's reason elsewhere)."""
     from mdx.runtime.pipeline import generate
-    from mdx.runtime.session import OnnxDenoiser
+    from mdx.runtime.session import ModelError, OnnxDenoiser
+
+    specs = [("onnxruntime fp32", "fp32", CPU, "auto", "fp32", False)]
+    if int8 and "int8" in net.onnx:
+        specs.append(("onnxruntime int8", "int8", CPU, "auto", "int8", False))
+    specs += [("openvino fp32", "fp32", OPENVINO, "fp32", "fp32", True), ("openvino bf16", "fp32", OPENVINO, "bf16",
+              "bf16", True)]
+    if "int8" in net.onnx:
+        specs.append(("openvino int8", "int8", OPENVINO, "auto", "int8", True))
+    sides = []
+    for key, file, provider, compute, precision, peer in specs:
+        side = Side(key, "onnxruntime", provider, precision, "io_binding",
+                    "mdx.runtime.pipeline.generate (IO binding)", None, None, peer=peer)
+        try:
+            den = OnnxDenoiser.load(net.onnx[file], provider=provider, threads=threads, compute_precision=compute)
+        except ModelError as e:
+            side.skipped = str(e)
+            sides.append(side)
+            continue
+
+        def run(cfg, steps, context, den=den):
+            # sampler_options={}: the sampler's defaults, exactly what the torch side runs
+            return generate(den, sampler=cfg.sampler, steps=steps, context=context, guidance=cfg.guidance,
+                            seed=SEED, sampler_options={}).samples
+        side.run, side.warm = run, (lambda mb, den=den: den.binding(mb).run)
+        side.implementation += f", compute precision {den.compute_precision}"
+        sides.append(side)
+    return sides
+
+
+def _compare(sides: list[Side], cfg: Config, steps: int, context: np.ndarray, mb: int, repeats: int):
+    """Time the sides interleaved (warm-up call first and after each pause); (stats, samples)."""
+    results: dict[str, np.ndarray] = {}
+
+    def call(side):
+        def fn():
+            results[side.key] = side.run(cfg, steps, context)
+        return fn
+    fns = {s.key: call(s) for s in sides}
+    warm = {s.key: s.warm(mb) for s in sides}
+    for w in warm.values():
+        w()
+    stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.05).run(fns, before=warm)
+    return stats, results
+
+
+def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, forward_records=(),
+                 budget=None, log=print, int8: bool = False) -> list[dict]:
+    """Records of suite (b) on the CPU for `net`: torch eager against ORT fp32 (and int8) on every
+    config; with Config.peers also torch channels_last / bf16 autocast and OpenVINO f32 / bf16 /
+    int8 (records marked `peer`), for the headline (mdx.bench.headline)."""
+    import torch
 
     torch.set_num_threads(threads)
     T = net.num_train_timesteps
@@ -162,65 +302,40 @@ def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, 
         return [make_record("sampling", be, prov, "fp32", c.batch, sampler=c.sampler, steps=c.steps or T,
                             guidance=c.guidance, skipped="no fp32 ONNX export", **base)
                 for c in configs for be, prov in (("torch", "cpu"), ("onnxruntime", CPU))]
-    den = OnnxDenoiser.load(net.onnx["fp32"], provider=CPU, threads=threads)
-    den8 = OnnxDenoiser.load(net.onnx["int8"], provider=CPU, threads=threads) if int8 and "int8" in net.onnx else None
+    all_sides = torch_sides(net) + onnx_sides(net, threads, int8)
     cost = forward_cost_model(list(forward_records), net.name)
     records = []
     for cfg in configs:
         steps = cfg.steps or T
         mb = cfg.batch * (2 if cfg.guidance != 1.0 else 1)
         fields = dict(sampler=cfg.sampler, steps=steps, guidance=cfg.guidance, model_batch=mb, **base)
-        expected = estimate_seconds(cfg, steps, cost, repeats)
-        if budget is not None and not budget.allows(expected):
-            reason = budget.reason(f"{cfg.sampler}-{steps} at batch {cfg.batch}", expected)
-            records += [make_record("sampling", "torch", "cpu", "fp32", cfg.batch, skipped=reason, **fields),
-                        make_record("sampling", "onnxruntime", CPU, "fp32", cfg.batch, skipped=reason, **fields)]
-            log(f"  skipped {cfg}: {reason}")
+        chosen = [s for s in all_sides if cfg.peers or not s.peer]
+        live_sides = [s for s in chosen if not s.skipped]
+        n_torch = sum(s.backend == "torch" for s in live_sides)
+        expected = estimate_seconds(cfg, steps, cost, repeats) * max(n_torch, len(live_sides) - n_torch)
+        skip = budget.reason(f"{cfg.sampler}-{steps} at batch {cfg.batch}", expected) \
+            if budget is not None and not budget.allows(expected) else None
+        for s in chosen:
+            if s.skipped or skip:
+                records.append(make_record("sampling", s.backend, s.provider, s.precision, cfg.batch,
+                                           skipped=s.skipped or skip, variant=s.variant, peer=s.peer, **fields))
+        if skip:
+            log(f"  skipped {cfg}: {skip}")
             continue
-        context = context_rows(cfg.batch, net.num_classes)
-        torch_run, torch_impl = _torch_side(net, cfg, steps, context)
-        results: dict[str, np.ndarray] = {}
-
-        def side(name, fn):
-            def call():
-                results[name] = fn()
-            return call
-
-        def ort_run(d):
-            # sampler_options={}: the sampler's defaults, exactly what the torch side runs
-            return lambda: generate(d, sampler=cfg.sampler, steps=steps, context=context, guidance=cfg.guidance,
-                                    seed=SEED, sampler_options={}).samples
-        fns = {"torch": side("torch", torch_run), "onnxruntime fp32": side("onnxruntime fp32", ort_run(den))}
-        if den8 is not None:
-            fns["onnxruntime int8"] = side("onnxruntime int8", ort_run(den8))
-        # warm-up: one network evaluation at this batch on each side, before the first timed run
-        # and again right before every timed run (after the idle gap: it wakes that side's threads)
-        xs, ts_, cs = torch.zeros((mb, *net.sample_shape)), torch.zeros(mb), torch.zeros((mb, net.num_classes))
-
-        def torch_warm():
-            with torch.inference_mode():
-                net.torch_model(xs, ts_, cs)
-        warm = {"torch": torch_warm, "onnxruntime fp32": den.binding(mb).run}
-        if den8 is not None:
-            warm["onnxruntime int8"] = den8.binding(mb).run
-        for w in warm.values():
-            w()
-        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=0.05).run(fns, before=warm)
-        diff = float(np.max(np.abs(results["torch"] - results["onnxruntime fp32"])))
-        records.append(make_record("sampling", "torch", "cpu", "fp32", cfg.batch, stats=stats["torch"],
-                                   implementation=torch_impl, **fields))
-        records.append(make_record("sampling", "onnxruntime", CPU, "fp32", cfg.batch, stats=stats["onnxruntime fp32"],
-                                   implementation="mdx.runtime.pipeline.generate (IO binding)",
-                                   max_abs_diff=diff, speedup_vs_torch=stats["torch"].median_s /
-                                   stats["onnxruntime fp32"].median_s, **fields))
-        if den8 is not None:
-            d8 = float(np.max(np.abs(results["torch"] - results["onnxruntime int8"])))
-            records.append(make_record("sampling", "onnxruntime", CPU, "int8", cfg.batch,
-                                       stats=stats["onnxruntime int8"],
-                                       implementation="mdx.runtime.pipeline.generate (IO binding)",
-                                       max_abs_diff=d8, speedup_vs_torch=stats["torch"].median_s /
-                                       stats["onnxruntime int8"].median_s, **fields))
-        log(f"  sampling {cfg.sampler}-{steps} batch {cfg.batch} guidance {cfg.guidance:g}: torch "
-            f"{stats['torch'].median_s:.3f} s, ORT fp32 {stats['onnxruntime fp32'].median_s:.3f} s "
-            f"(x{stats['torch'].median_s / stats['onnxruntime fp32'].median_s:.2f}), max |diff| {diff:.1e}")
+        stats, results = _compare(live_sides, cfg, steps, _context(cfg, net), mb, repeats)
+        t_med = stats["torch"].median_s
+        for s in live_sides:
+            extra = {"implementation": s.implementation if s.key != "torch" else _torch_side(
+                net, cfg, steps, _context(cfg, net))[1], "variant": s.variant, "peer": s.peer}
+            if s.key != "torch":
+                extra.update(max_abs_diff=float(np.max(np.abs(results["torch"] - results[s.key]))),
+                             speedup_vs_torch=t_med / stats[s.key].median_s)
+            records.append(make_record("sampling", s.backend, s.provider, s.precision, cfg.batch,
+                                       stats=stats[s.key], **extra, **fields))
+        log(f"  sampling {cfg.sampler}-{steps} batch {cfg.batch} guidance {cfg.guidance:g}: "
+            + ", ".join(f"{k} {st.median_s:.3f} s" for k, st in stats.items()))
     return records
+
+
+def _context(cfg: Config, net) -> np.ndarray:
+    return context_rows(cfg.batch, net.num_classes)
