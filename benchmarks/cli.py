@@ -18,12 +18,13 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from typing import NoReturn
 
-from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
+from mdx.runtime.fileio import WriteError, write_text
 
 PROG = "mdx-bench"
 QUICK_BUDGET_S = 280.0  # the promise is 5 minutes; keep 20 s for writing the report
@@ -37,10 +38,6 @@ SHARES = {"quick": {"forward": 0.45, "sampling": 1.0, "quality": 1.0},
 
 class BenchError(ValueError):
     """A bad command-line value; one line."""
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    fail(PROG, message, code)
 
 
 def _log(message: str) -> None:
@@ -116,9 +113,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1, default=_jsonable) + "\n")
-        os.replace(tmp, self.path)
+        """Write results.json whole (atomically); WriteError when the disk is full or --out vanished."""
+        write_text(self.path, json.dumps(self.doc, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(o):
@@ -179,149 +175,232 @@ def training_records(quick: bool, threads: int, device: str, smoke: bool = False
     return out
 
 
-def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: tuple[str, ...], threads: int,
-            budget_s: float, quality_n: int, command: str, smoke: bool = False) -> dict:
-    import torch
+@dataclass
+class Bench:
+    """One mdx-bench run: its settings, its budget, the results document and the networks measured.
+    `run_all` calls the steps in order; each suite adds its records (and saves) as it finishes."""
 
-    from mdx.bench import machine as machine_mod
-    from mdx.bench.cuda import run_cuda_forward, run_cuda_sampling
-    from mdx.bench.forward import BATCHES, run_forward
-    from mdx.bench.networks import SMOKE_NETWORK, build_default_network, shipped_network
-    from mdx.bench.quality import run_quality
-    from mdx.bench.report import write_report
-    from mdx.bench.roofline import count_flops, measure_matmul_peak
-    from mdx.bench.sampling import full_configs, quick_configs, run_sampling, smoke_configs
-    from mdx.bench.timing import Budget
+    quick: bool
+    device: str
+    model: Path | None
+    out: Path
+    suites: tuple[str, ...]
+    threads: int
+    budget_s: float
+    quality_n: int
+    command: str
+    smoke: bool = False
+    total: object = None  # timing.Budget of the whole run
+    res: Results | None = None
+    net: object = None  # networks.Network: the default network
+    shipped: object = None  # networks.Network of --model, or None
 
-    mode = "quick" if quick else "full"
-    total = Budget(budget_s)
-    torch.set_num_threads(threads)
-    started = _dt.datetime.now().isoformat(timespec="seconds")
-    res = Results(out, machine_mod.machine_info(),
-                  {"command": command, "mode": mode, "device": device, "threads": threads, "started": started,
-                   "budget_s": budget_s, "suites": list(suites)})
-    res.doc["load_start"] = machine_mod.load_snapshot()
-    res.save()
-    monitor = machine_mod.LoadMonitor().start()
-    cpu_on, cuda_on = device in ("cpu", "all"), device in ("cuda", "all")
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
 
-    _log(f"{PROG}: {mode} suite on {res.doc['machine']['cpu_model']} ({threads} threads), device {device}, "
-         f"budget {budget_s:.0f} s -> {out}")
-    t0 = time.perf_counter()
-    net = build_default_network(log=_log, budget=total, arch=SMOKE_NETWORK if smoke else None)
-    batches = (1, 2) if smoke else BATCHES
-    res.doc["setup"] = {"default_network": net.description, "export_seconds": net.export_seconds,
+    @property
+    def cpu_on(self) -> bool:
+        return self.device in ("cpu", "all")
+
+    @property
+    def cuda_on(self) -> bool:
+        return self.device in ("cuda", "all")
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        from mdx.bench.forward import BATCHES
+
+        return (1, 2) if self.smoke else BATCHES
+
+    def sub_budget(self, suite: str):
+        from mdx.bench.timing import Budget
+
+        return Budget(max(self.total.left(), 0) * SHARES[self.mode][suite])
+
+    def start(self, machine_mod) -> None:
+        """The results document with the machine, the run's settings and the load before it."""
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        self.res = Results(self.out, machine_mod.machine_info(),
+                           {"command": self.command, "mode": self.mode, "device": self.device,
+                            "threads": self.threads, "started": started, "budget_s": self.budget_s,
+                            "suites": list(self.suites)})
+        self.res.doc["load_start"] = machine_mod.load_snapshot()
+        self.res.save()
+        _log(f"{PROG}: {self.mode} suite on {self.res.doc['machine']['cpu_model']} ({self.threads} threads), "
+             f"device {self.device}, budget {self.budget_s:.0f} s -> {self.out}")
+
+    def setup_networks(self) -> None:
+        """The default network (built and exported, or from the cache), --model's, and their FLOPs."""
+        from mdx.bench.networks import SMOKE_NETWORK, build_default_network, shipped_network
+        from mdx.bench.roofline import count_flops
+
+        doc, t0 = self.res.doc, time.perf_counter()
+        net = self.net = build_default_network(log=_log, budget=self.total, arch=SMOKE_NETWORK if self.smoke else None)
+        doc["setup"] = {"default_network": net.description, "export_seconds": net.export_seconds,
                         "setup_seconds": round(time.perf_counter() - t0, 1), "notes": net.notes,
                         "onnx_files": {k: str(v) for k, v in net.onnx.items()}}
-    res.doc["notes"] += net.notes
-    flops = count_flops(net.torch_model, net.sample_shape, net.num_classes)
-    net.flops_per_image = flops["flops_per_image"]
-    res.doc["roofline"]["flops"] = {net.name: flops}
-    shipped = None
-    if model is not None:
-        shipped = shipped_network(model)
-        sf = shipped_flops(model)
+        doc["notes"] += net.notes
+        flops = count_flops(net.torch_model, net.sample_shape, net.num_classes)
+        net.flops_per_image = flops["flops_per_image"]
+        doc["roofline"]["flops"] = {net.name: flops}
+        if self.model is None:
+            doc["notes"].append("no shipped model (models/emoji16.onnx absent and no --model): only the default "
+                                "network is measured")
+            return
+        shipped = self.shipped = shipped_network(self.model)
+        sf = shipped_flops(self.model)
         if sf:
             shipped.flops_per_image = sf["flops_per_image"]
-            res.doc["roofline"]["flops"][shipped.name] = sf
-        res.doc["setup"]["shipped"] = {"description": shipped.description,
-                                       "files": {k: str(v) for k, v in shipped.onnx.items()}}
-    else:
-        res.doc["notes"].append("no shipped model (models/emoji16.onnx absent and no --model): only the default "
-                                "network is measured")
-    if cpu_on:
-        _log("roofline: fp32 matmul peak ...")
-        res.doc["roofline"]["cpu_peak"] = peak = measure_matmul_peak(threads, n=512 if smoke else 2048)
-        _log(f"  peak {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_backend']}); " +
-             ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops"].items()))
-    res.save()
+            doc["roofline"]["flops"][shipped.name] = sf
+        doc["setup"]["shipped"] = {"description": shipped.description,
+                                   "files": {k: str(v) for k, v in shipped.onnx.items()}}
 
-    def sub_budget(suite: str) -> Budget:
-        return Budget(max(total.left(), 0) * SHARES[mode][suite])
+    def roofline(self) -> None:
+        from mdx.bench.roofline import measure_matmul_peak
 
-    if "forward" in suites:
-        b = sub_budget("forward")
-        if cpu_on:
+        if self.cpu_on:
+            _log("roofline: matmul peaks (fp32, bf16 where native, int8) ...")
+            self.res.doc["roofline"]["cpu_peak"] = peak = measure_matmul_peak(self.threads,
+                                                                              n=512 if self.smoke else 2048)
+            _log(f"  peak {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_backend']}); " +
+                 ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops"].items()))
+        self.res.save()
+
+    def forward(self) -> None:
+        """(a) forward latency and throughput, CPU and CUDA."""
+        from mdx.bench.cuda import run_cuda_forward
+        from mdx.bench.forward import run_forward
+
+        net, quick, res, b = self.net, self.quick, self.res, self.sub_budget("forward")
+        if self.cpu_on:
             _log(f"(a) forward, CPU (budget {b.seconds:.0f} s)")
-            res.add(run_forward(net, threads=threads, flops_per_image=net.flops_per_image,
-                                peak_gflops=res.doc["roofline"]["cpu_peak"]["peak_gflops"], batches=batches,
+            res.add(run_forward(net, threads=self.threads, flops_per_image=net.flops_per_image,
+                                peak_gflops=res.doc["roofline"]["cpu_peak"]["peaks"], batches=self.batches,
                                 repeats=5 if quick else 7, target_s=0.05 if quick else 0.2,
-                                compile_batches=(1,) if quick else batches, with_compile=not smoke, budget=b,
-                                log=_log, shipped=shipped))
-        if cuda_on:
+                                compile_batches=(1,) if quick else self.batches, with_compile=not self.smoke,
+                                budget=b, log=_log, shipped=self.shipped))
+        if self.cuda_on:
             _log("(a) forward, CUDA")
-            recs, gpu_peak = run_cuda_forward(net, flops_per_image=net.flops_per_image, batches=batches,
-                                              repeats=5 if quick else 7,
-                                              burst_s=0.5 if quick else 2.0, log=_log)
+            recs, gpu_peak = run_cuda_forward(net, flops_per_image=net.flops_per_image, batches=self.batches,
+                                              repeats=5 if quick else 7, burst_s=0.5 if quick else 2.0, log=_log)
             if gpu_peak:
                 res.doc["roofline"]["gpu_peak"] = gpu_peak
             res.add(recs)
-    if "training" in suites:
+
+    def training(self) -> None:
+        """(c) training throughput per device; a device that cannot run it is recorded as skipped."""
         from mdx.bench.cuda import torch_cuda_reason
         from mdx.bench.records import make_record
 
-        devices = (["cpu"] if cpu_on else []) + (["cuda"] if cuda_on else [])
+        devices = (["cpu"] if self.cpu_on else []) + (["cuda"] if self.cuda_on else [])
         for dev in devices:
-            _log(f"(c) training throughput, {dev} ({total.left():.0f} s of the budget left)")
+            _log(f"(c) training throughput, {dev} ({self.total.left():.0f} s of the budget left)")
             reason = torch_cuda_reason() if dev == "cuda" else None
-            if reason is None and quick and not total.allows(60):
-                reason = total.reason("the training benchmark", 60)
+            if reason is None and self.quick and not self.total.allows(60):
+                reason = self.total.reason("the training benchmark", 60)
             if reason is not None:
-                res.add([make_record("training", "torch", dev, "fp32", 128, skipped=reason)])
+                self.res.add([make_record("training", "torch", dev, "fp32", 128, skipped=reason)])
                 continue
             try:
-                res.add(training_records(quick, threads, dev, smoke=smoke))
+                self.res.add(training_records(self.quick, self.threads, dev, smoke=self.smoke))
             except Exception as e:  # noqa: BLE001 -- another module's failure is recorded, not fatal
-                res.add([make_record("training", "torch", dev, "fp32", 128,
-                                     skipped=f"train_throughput.run failed: {type(e).__name__}: {e}")])
-    if "sampling" in suites:
-        b = sub_budget("sampling")
-        configs = smoke_configs() if smoke else quick_configs() if quick else full_configs()
-        if cpu_on:
+                self.res.add([make_record("training", "torch", dev, "fp32", 128,
+                                          skipped=f"train_throughput.run failed: {type(e).__name__}: {e}")])
+
+    def sampling(self) -> None:
+        """(b) whole sampling runs, CPU and CUDA."""
+        from mdx.bench.cuda import run_cuda_sampling
+        from mdx.bench.sampling import full_configs, quick_configs, run_sampling, smoke_configs
+
+        b = self.sub_budget("sampling")
+        configs = smoke_configs() if self.smoke else quick_configs() if self.quick else full_configs()
+        if self.cpu_on:
             _log(f"(b) sampling, CPU (budget {b.seconds:.0f} s)")
-            res.add(run_sampling(net, threads=threads, configs=configs, repeats=5, forward_records=res.doc["records"],
-                                 budget=b, log=_log, int8=not quick))
-        if cuda_on:
+            self.res.add(run_sampling(self.net, threads=self.threads, configs=configs, repeats=5,
+                                      forward_records=self.res.doc["records"], budget=b, log=_log,
+                                      int8=not self.quick))
+        if self.cuda_on:
             _log("(b) sampling, CUDA")
-            res.add(run_cuda_sampling(net, configs=configs, repeats=5, log=_log))
-    if "quality" in suites:
+            self.res.add(run_cuda_sampling(self.net, configs=configs, repeats=5, log=_log))
+
+    def quality(self) -> None:
+        """(d) FD and accuracy of the shipped model's fp32 and int8 files (needs --model)."""
+        from mdx.bench.quality import run_quality
         from mdx.bench.records import make_record
 
         _log("(d) quality")
-        if shipped is None:
-            res.add([make_record("quality", "onnxruntime", "CPUExecutionProvider", p, quality_n,
-                                 skipped="needs a trained model: pass --model (models/emoji16.onnx absent)")
-                     for p in ("fp32", "int8")])
-        else:
-            files = {p: f for p, f in shipped.onnx.items() if p in ("fp32", "int8")}
-            res.add(run_quality(files, threads=threads, n=quality_n, budget=sub_budget("quality"), log=_log,
-                                network=shipped.name))
-            if "int8" not in files:
-                res.add([make_record("quality", "onnxruntime", "CPUExecutionProvider", "int8", quality_n,
-                                     skipped=f"no int8 sibling of {model.name} found")])
-    if cpu_on and {"forward", "sampling"} & set(suites):
-        from mdx.bench.profile import explain
+        n = self.quality_n
+        if self.shipped is None:
+            self.res.add([make_record("quality", "onnxruntime", "CPUExecutionProvider", p, n,
+                                      skipped="needs a trained model: pass --model (models/emoji16.onnx absent)")
+                          for p in ("fp32", "int8")])
+            return
+        files = {p: f for p, f in self.shipped.onnx.items() if p in ("fp32", "int8")}
+        self.res.add(run_quality(files, threads=self.threads, n=n, budget=self.sub_budget("quality"), log=_log,
+                                 network=self.shipped.name))
+        if "int8" not in files:
+            self.res.add([make_record("quality", "onnxruntime", "CPUExecutionProvider", "int8", n,
+                                      skipped=f"no int8 sibling of {self.model.name} found")])
 
+    def profiles(self) -> None:
+        """Profiles that explain the missed targets (a profiler failure must not lose the measurements)."""
+        from mdx.bench.profile import explain
+        from mdx.bench.timing import Budget
+
+        if not (self.cpu_on and {"forward", "sampling"} & set(self.suites)):
+            return
         _log("profiles for missed targets")
+        doc = self.res.doc
         try:
-            res.doc["analysis"] = explain(res.doc["records"], net, threads,
-                                          res.doc["roofline"]["cpu_peak"]["peak_gflops"],
-                                          budget=Budget(max(total.left(), 0)), log=_log)
-        except Exception as e:  # noqa: BLE001 -- a profiler failure must not lose the measurements
-            res.doc["analysis"] = f"_profiling failed: {type(e).__name__}: {e}_"
-    res.doc["load_during"] = monitor.stop()
-    res.doc["load_end"] = machine_mod.load_snapshot()
-    res.doc["run"]["seconds"] = round(total.elapsed(), 1)
-    res.save()
-    written = write_report(res.doc, out)
-    _log(f"{PROG}: done in {total.elapsed():.0f} s; wrote {res.path}" + "".join(f", {p.name}" for p in written))
-    return res.doc
+            doc["analysis"] = explain(doc["records"], self.net, self.threads, doc["roofline"]["cpu_peak"]["peak_gflops"],
+                                      budget=Budget(max(self.total.left(), 0)), log=_log)
+        except Exception as e:  # noqa: BLE001
+            doc["analysis"] = f"_profiling failed: {type(e).__name__}: {e}_"
+
+    def finish(self, machine_mod, monitor) -> None:
+        """The headline figures, the load during and after, results.json and the report."""
+        from mdx.bench import headline
+        from mdx.bench.report import write_report
+
+        doc = self.res.doc
+        doc["headline"] = headline.compute(doc["records"])
+        doc["load_during"] = monitor.stop()
+        doc["load_end"] = machine_mod.load_snapshot()
+        doc["run"]["seconds"] = round(self.total.elapsed(), 1)
+        self.res.save()
+        written = write_report(doc, self.out)
+        _log(f"{PROG}: done in {self.total.elapsed():.0f} s; wrote {self.res.path}"
+             + "".join(f", {p.name}" for p in written))
+
+
+def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: tuple[str, ...], threads: int,
+            budget_s: float, quality_n: int, command: str, smoke: bool = False) -> dict:
+    """Every chosen suite in order (forward, training, sampling, quality, then profiles); the results document."""
+    import torch
+
+    from mdx.bench import machine as machine_mod
+    from mdx.bench.timing import Budget
+
+    bench = Bench(quick, device, model, out, suites, threads, budget_s, quality_n, command, smoke,
+                  total=Budget(budget_s))
+    torch.set_num_threads(threads)
+    bench.start(machine_mod)
+    monitor = machine_mod.LoadMonitor().start()
+    bench.setup_networks()
+    bench.roofline()
+    for suite in ("forward", "training", "sampling", "quality"):  # training has its own fixed length
+        if suite in suites:
+            getattr(bench, suite)()
+    bench.profiles()
+    bench.finish(machine_mod, monitor)
+    return bench.res.doc
 
 
 # --- the command --------------------------------------------------------------------------------
 
 
-@click.command(cls=one_line_command(PROG, (BenchError,)), context_settings=CONTEXT_SETTINGS)
+@click.command(cls=one_line_command(PROG, (BenchError, WriteError)), context_settings=CONTEXT_SETTINGS)
 @click.option("--quick", is_flag=True, help="The quick suite (< 5 minutes on 2 cores): fewer sizes and configurations.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="Which device's suites to run (CUDA items skip with a reason where CUDA cannot run).")

@@ -182,12 +182,12 @@ def _ort_cuda_call(path, batch: int, net, cuda_graph: bool):
     """An IO-bound CUDA session run for `batch`; device buffers bound once."""
     import onnxruntime as ort
 
-    from mdx.runtime.session import _cuda_options, _preload_cuda_libraries
+    from mdx.runtime.session import cuda_provider_options, preload_cuda_libraries
 
-    _preload_cuda_libraries()
+    preload_cuda_libraries()
     opts = ort.SessionOptions()
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=[(CUDA_EP, _cuda_options(cuda_graph)),
-                                                                         "CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=opts,
+                                providers=[(CUDA_EP, cuda_provider_options(cuda_graph)), "CPUExecutionProvider"])
     if sess.get_providers()[0] != CUDA_EP:
         raise RuntimeError("onnxruntime fell back to the CPU provider")
     x, t, c = _inputs(batch, net.sample_shape, net.num_classes, net.num_train_timesteps)
@@ -243,6 +243,77 @@ def _skip_all(batches, reason: str, network: str) -> list[dict]:
     return recs
 
 
+# (label, backend, provider, variant) of each CUDA forward variant, timed interleaved
+CUDA_PLAN = [("torch eager", "torch", "cuda", "eager"), ("torch CUDA graph", "torch", "cuda", "cuda_graph"),
+             ("ORT CUDA", "onnxruntime", CUDA_EP, "io_binding"), ("ORT CUDA graph", "onnxruntime", CUDA_EP, "cuda_graph")]
+
+
+def _cuda_calls(net, model, precision: str, batch: int, dtype, ort_reason: str | None) -> tuple[dict, dict]:
+    """The callables of the CUDA_PLAN variants that can run, and why the others cannot."""
+    fns, skipped = {}, {}
+    for key, backend, _, variant in CUDA_PLAN:
+        try:
+            if backend == "torch":
+                if model is None:
+                    raise RuntimeError("no torch model for this network")
+                fns[key] = _torch_calls(model, batch, net, dtype, graph=(variant == "cuda_graph"))
+            else:
+                if ort_reason:
+                    raise RuntimeError(ort_reason)
+                fns[key] = _ort_cuda_call(net.onnx[precision], batch, net, cuda_graph=(variant == "cuda_graph"))
+        except Exception as e:  # noqa: BLE001 -- each item skips with its own reason
+            skipped[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return fns, skipped
+
+
+def _forward_extra(backend: str, variant: str, network: str, nv: dict, stats, batch: int,
+                   flops_per_image: float | None, peak: dict) -> dict:
+    """A timed record's memory, NVML and roofline figures."""
+    import torch
+
+    extra = {"variant": variant, "network": network, "synchronised": True, **nv}
+    if backend == "torch":
+        extra["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        extra["peak_mem_kind"] = "torch allocator peak (max_memory_allocated)"
+    elif nv.get("nvml_process_mem_mb_max") is not None:
+        extra["peak_mem_mb"] = round(nv["nvml_process_mem_mb_max"], 1)
+        extra["peak_mem_kind"] = "NVML device memory of this process (includes torch's cache)"
+    if flops_per_image:
+        g = achieved_gflops(flops_per_image, batch, stats.median_s)
+        extra.update(gflops=round(g, 1), peak_share=round(peak_share(g, peak["peak_gflops"]), 4),
+                     peak_kind="GPU fp32 matmul peak (TF32 off)")
+    return extra
+
+
+def _time_cuda_batch(net, fns: dict, precision: str, batch: int, *, sampler, peak: dict,
+                     flops_per_image: float | None, repeats: int, target_s: float, burst_s: float, log) -> list[dict]:
+    """Time the variants interleaved, then a burst of each under NVML; their records."""
+    import torch
+
+    sync = torch.cuda.synchronize
+    plan = {key: (backend, provider, variant) for key, backend, provider, variant in CUDA_PLAN}
+    number = {k: calibrate_number(f, target_s, sync=sync) for k, f in fns.items()}
+    stats = InterleavedTimer(repeats=repeats, warmup=1, sync=sync).run(fns, number)
+    records = []
+    for key, fn in fns.items():
+        backend, provider, variant = plan[key]
+        torch.cuda.reset_peak_memory_stats()
+        nv = burst(fn, sync, burst_s, sampler)
+        extra = _forward_extra(backend, variant, net.name, nv, stats[key], batch, flops_per_image, peak)
+        records.append(make_record("forward", backend, provider, precision, batch, stats=stats[key], **extra))
+    log(f"  CUDA forward {precision} batch {batch}: "
+        + ", ".join(f"{k} {s.median_s * 1e3:.3f} ms" for k, s in stats.items()))
+    return records
+
+
+def _nvml_sampler(log) -> NvmlSampler | None:
+    try:
+        return NvmlSampler()
+    except Exception as e:  # noqa: BLE001 -- NVML missing: timings still valid, no power figures
+        log(f"  NVML unavailable ({type(e).__name__}); no utilisation or power figures")
+        return None
+
+
 def run_cuda_forward(net, *, flops_per_image: float | None, batches=(1, 8, 32, 128), repeats: int = 5,
                      target_s: float = 0.05, burst_s: float = 1.0, log=print) -> tuple[list[dict], dict]:
     """CUDA forward records and the GPU's matmul peak ({} when CUDA is unavailable)."""
@@ -254,61 +325,23 @@ def run_cuda_forward(net, *, flops_per_image: float | None, batches=(1, 8, 32, 1
 
     peak = gpu_matmul_peak()
     ort_reason = {p: (ort_cuda_reason(net.onnx[p]) if p in net.onnx else f"no {p} export") for p in PRECISIONS}
-    try:
-        sampler = NvmlSampler()
-    except Exception as e:  # noqa: BLE001 -- NVML missing: timings still valid, no power figures
-        sampler = None
-        log(f"  NVML unavailable ({type(e).__name__}); no utilisation or power figures")
+    sampler = _nvml_sampler(log)
+    plan = {key: (backend, provider, variant) for key, backend, provider, variant in CUDA_PLAN}
     records = []
-    sync = torch.cuda.synchronize
     for precision in PRECISIONS:
         dtype = torch.float16 if precision == "fp16" else torch.float32
         model = net.torch_model.to("cuda", dtype=dtype) if net.torch_model is not None else None
         for batch in batches:
-            fns, meta, skipped = {}, {}, {}
-            plan = [("torch eager", "torch", "cuda", "eager"), ("torch CUDA graph", "torch", "cuda", "cuda_graph"),
-                    ("ORT CUDA", "onnxruntime", CUDA_EP, "io_binding"),
-                    ("ORT CUDA graph", "onnxruntime", CUDA_EP, "cuda_graph")]
-            for key, backend, provider, variant in plan:
-                meta[key] = (backend, provider, variant)
-                try:
-                    if backend == "torch":
-                        if model is None:
-                            raise RuntimeError("no torch model for this network")
-                        fns[key] = _torch_calls(model, batch, net, dtype, graph=(variant == "cuda_graph"))
-                    else:
-                        if ort_reason[precision]:
-                            raise RuntimeError(ort_reason[precision])
-                        fns[key] = _ort_cuda_call(net.onnx[precision], batch, net, cuda_graph=(variant == "cuda_graph"))
-                except Exception as e:  # noqa: BLE001 -- each item skips with its own reason
-                    skipped[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            for key, reason_ in skipped.items():
-                backend, provider, variant = meta[key]
-                records.append(make_record("forward", backend, provider, precision, batch, skipped=reason_,
+            fns, skipped = _cuda_calls(net, model, precision, batch, dtype, ort_reason[precision])
+            for key, why in skipped.items():
+                backend, provider, variant = plan[key]
+                records.append(make_record("forward", backend, provider, precision, batch, skipped=why,
                                            variant=variant, network=net.name))
-            if not fns:
-                continue
-            number = {k: calibrate_number(f, target_s, sync=sync) for k, f in fns.items()}
-            stats = InterleavedTimer(repeats=repeats, warmup=1, sync=sync).run(fns, number)
-            for key, fn in fns.items():
-                backend, provider, variant = meta[key]
-                torch.cuda.reset_peak_memory_stats()
-                nv = burst(fn, sync, burst_s, sampler)
-                extra = {"variant": variant, "network": net.name, "synchronised": True, **nv}
-                if backend == "torch":
-                    extra["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                    extra["peak_mem_kind"] = "torch allocator peak (max_memory_allocated)"
-                elif nv.get("nvml_process_mem_mb_max") is not None:
-                    extra["peak_mem_mb"] = round(nv["nvml_process_mem_mb_max"], 1)
-                    extra["peak_mem_kind"] = "NVML device memory of this process (includes torch's cache)"
-                if flops_per_image:
-                    g = achieved_gflops(flops_per_image, batch, stats[key].median_s)
-                    extra.update(gflops=round(g, 1), peak_share=round(peak_share(g, peak["peak_gflops"]), 4),
-                                 peak_kind="GPU fp32 matmul peak (TF32 off)")
-                records.append(make_record("forward", backend, provider, precision, batch, stats=stats[key], **extra))
-            log(f"  CUDA forward {precision} batch {batch}: "
-                + ", ".join(f"{k} {s.median_s * 1e3:.3f} ms" for k, s in stats.items()))
-        fns = None
+            if fns:
+                records += _time_cuda_batch(net, fns, precision, batch, sampler=sampler, peak=peak,
+                                            flops_per_image=flops_per_image, repeats=repeats, target_s=target_s,
+                                            burst_s=burst_s, log=log)
+            fns = None  # free the CUDA graphs and sessions before the next batch
     if net.torch_model is not None:
         net.torch_model.to("cpu", dtype=torch.float32)
     if sampler is not None:

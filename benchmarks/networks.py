@@ -1,6 +1,6 @@
 """The networks the suites measure.
 
-The default network is DESIGN.md's default architecture (ContextUnet, n_feat = 64, 9 classes,
+The default network is docs/contract.md's default architecture (ContextUnet, n_feat = 64, 9 classes,
 16x16 RGB, T = 500, cosine schedule) with a seeded random initialisation: speed does not depend
 on the weights. It is written as an mdx checkpoint (`save_weights_file`) and exported with the
 project's own exporter (`mdx.export`) to fp32, fp16 and int8 (int8 calibrated on emoji16), so
@@ -103,21 +103,35 @@ def build_default_network(cache: Path | None = None, precisions=PRECISIONS, log=
                   description=f"ContextUnet n_feat={cfg.n_feat}, {cfg.n_classes} classes, {cfg.image_size}x"
                               f"{cfg.image_size}x{cfg.in_channels}, T={cfg.num_train_timesteps} (random init, seed {SEED})")
 
-    root = Path(cache) if cache is not None else cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".weights-{os.getpid()}.safetensors"
-    save_weights_file(staging, model, run_config)
-    h = hashlib.sha256(staging.read_bytes())
+    folder = _cache_folder(model, run_config, cache)
+    net.checkpoint = save_weights_file(folder / "ema.safetensors", model, run_config)
+    _export_precisions(net, folder, precisions, budget, log)
+    return net
+
+
+def _cache_folder(model, run_config: dict, cache: Path | None) -> Path:
+    """The network's cache folder, keyed by its weights file's bytes (made in memory), the
+    package versions and the exporter's source."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from mdx.runtime.fileio import write_error
+    from mdx.train.checkpoint import state_to_cpu, weights_metadata
+
+    h = hashlib.sha256(safetensors_bytes(state_to_cpu(model), metadata=weights_metadata(run_config)))
     h.update(_versions_key().encode())
     h.update(_exporter_source_hash().encode())
-    key = h.hexdigest()[:16]
-    folder = root / key
-    folder.mkdir(exist_ok=True)
-    weights = folder / "ema.safetensors"
-    os.replace(staging, weights)
-    net.checkpoint = weights
+    folder = (Path(cache) if cache is not None else cache_root()) / h.hexdigest()[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+    return folder
 
+
+def _export_precisions(net: Network, folder: Path, precisions, budget, log) -> None:
+    """Export net.checkpoint to each precision not cached yet (within the budget); a failure is a note."""
     from mdx.export.onnx_export import export_checkpoint
+    from mdx.runtime.fileio import write_text
 
     for precision in precisions:
         out = folder / f"{net.name}-{precision}.onnx"
@@ -132,15 +146,14 @@ def build_default_network(cache: Path | None = None, precisions=PRECISIONS, log=
         log(f"  exporting the default network to {precision} (cached afterwards in {folder})")
         t0 = time.perf_counter()
         try:
-            export_checkpoint(weights, out, precision=precision, verbose=False)
+            export_checkpoint(net.checkpoint, out, precision=precision, verbose=False)
         except Exception as e:  # noqa: BLE001 -- one precision failing must not end the suite; recorded
             net.notes.append(f"{precision} export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         seconds = time.perf_counter() - t0
-        meta.write_text(json.dumps({"export_seconds": seconds, "versions": _versions_key()}))
+        write_text(meta, json.dumps({"export_seconds": seconds, "versions": _versions_key()}))
         net.onnx[precision] = out
         net.export_seconds[precision] = seconds
-    return net
 
 
 def shipped_network(model_path: Path) -> Network:

@@ -180,70 +180,85 @@ def conv_share(p: dict, flops_per_run: float | None = None) -> tuple[float, floa
     return share, (flops_per_run / 1e9 / (ms / 1e3) if flops_per_run and ms > 0 else None)
 
 
+class _Profiles:
+    """Profiles of the default network, each made once (they take seconds)."""
+
+    def __init__(self, net, threads: int) -> None:
+        self.net, self.threads, self.cache = net, threads, {}
+
+    def ort(self, precision: str, batch: int) -> dict | None:
+        key = ("ort", precision, batch)
+        if key not in self.cache and precision in self.net.onnx:
+            self.cache[key] = ort_profile(self.net.onnx[precision], batch, self.threads)
+        return self.cache.get(key)
+
+    def torch(self, batch: int) -> dict | None:
+        net, key = self.net, ("torch", batch)
+        if key not in self.cache and net.torch_model is not None:
+            self.cache[key] = torch_profile(net.torch_model, net.sample_shape, net.num_classes,
+                                            net.num_train_timesteps, batch, self.threads)
+        return self.cache.get(key)
+
+
+def _explain_ddim(prof: _Profiles, batch: int) -> list[str]:
+    tp, op = prof.torch(batch), prof.ort("fp32", batch)
+    parts = [torch_table(tp), "", ort_table(op), ""]
+    if op and "error" not in op:
+        parts.append(f"Per forward: torch {tp['forward_ms']:.2f} ms with {tp['aten_calls_per_forward']:.0f} "
+                     f"aten calls vs ORT {op['run_ms']:.2f} ms ({op['overhead_ms']:.2f} ms outside kernels); "
+                     f"ratio {tp['forward_ms'] / op['run_ms']:.2f}x.")
+    return parts
+
+
+def _explain_int8(prof: _Profiles, batch: int, flops: float | None) -> list[str]:
+    p8, p32 = prof.ort("int8", batch), prof.ort("fp32", batch)
+    parts = [ort_table(p8), "", ort_table(p32), ""]
+    if p8 and p32 and "error" not in p8 and "error" not in p32:
+        qdq = sum(o["ms_per_run"] for o in p8["ops"] if o["op"] in ("QuantizeLinear", "DequantizeLinear"))
+        s8, g8 = conv_share(p8, flops and flops * batch)
+        s32, g32 = conv_share(p32, flops and flops * batch)
+        parts.append(f"int8 run {p8['run_ms']:.2f} ms vs fp32 {p32['run_ms']:.2f} ms. Conv-like kernels: "
+                     f"int8 {100 * s8:.0f}% of kernel time at {g8 or 0:.0f} GOP/s, fp32 {100 * s32:.0f}% at "
+                     f"{g32 or 0:.0f} GFLOP/s. Quantize/DequantizeLinear: {qdq:.2f} ms/run "
+                     f"({100 * qdq / p8['node_ms']:.0f}% of int8 kernel time).")
+    return parts
+
+
+def _explain_peak(prof: _Profiles, batch: int, flops: float | None, peak_gflops: float | None) -> list[str]:
+    p = prof.ort("fp32", batch)
+    parts = [ort_table(p), ""]
+    if p and "error" not in p:
+        s, g = conv_share(p, flops and flops * batch)
+        parts.append(f"Conv-like kernels take {100 * s:.0f}% of the kernel time at {g or 0:.0f} GFLOP/s"
+                     + (f" ({100 * g / peak_gflops:.0f}% of the {peak_gflops:.0f} GFLOP/s matmul peak)"
+                        if g and peak_gflops else "")
+                     + "; the rest is element-wise work (GELU's Erf, normalisation, adds) that does no "
+                       "counted FLOPs but costs time.")
+    return parts
+
+
 def explain(records: list[dict], net, threads: int, peak_gflops: float | None, budget=None, log=print) -> str:
-    flops = getattr(net, "flops_per_image", None)
     """Profile-based markdown for each missed target (empty when all targets were met)."""
     from mdx.bench.report import evaluate_targets
 
     missed = {t["key"]: t for t in evaluate_targets(records) if t["met"] is False}
-    if not missed:
-        return ""
-    parts = []
-    cache: dict = {}
-
-    def ort(precision, batch):
-        key = ("ort", precision, batch)
-        if key not in cache and precision in net.onnx:
-            cache[key] = ort_profile(net.onnx[precision], batch, threads)
-        return cache.get(key)
-
-    def tor(batch):
-        key = ("torch", batch)
-        if key not in cache and net.torch_model is not None:
-            cache[key] = torch_profile(net.torch_model, net.sample_shape, net.num_classes, net.num_train_timesteps,
-                                       batch, threads)
-        return cache.get(key)
-
-    def affordable(seconds):
-        return budget is None or budget.allows(seconds)
-
+    flops = getattr(net, "flops_per_image", None)
+    prof, parts = _Profiles(net, threads), []
     for key, t in missed.items():
         v = t["value"]
         shown = f"{100 * v:.0f}%" if key.startswith("peak") else f"{v:.2f}x"
         parts.append(f"### Missed: {t['target']} (measured {shown})")
         batch = 1 if key == "ddim25_b1" else 32 if key == "int8_b32" else 128
-        if not affordable(5 + batch * 0.05):
+        if budget is not None and not budget.allows(5 + batch * 0.05):
             parts.append(f"_profile skipped: {budget.reason('profiling', 5 + batch * 0.05)}_")
             continue
         log(f"  profiling for the missed target {key} (batch {batch})")
         if key.startswith("ddim25"):
-            tp, op = tor(batch), ort("fp32", batch)
-            parts += [torch_table(tp), "", ort_table(op), ""]
-            if op and "error" not in op:
-                parts.append(f"Per forward: torch {tp['forward_ms']:.2f} ms with {tp['aten_calls_per_forward']:.0f} "
-                             f"aten calls vs ORT {op['run_ms']:.2f} ms ({op['overhead_ms']:.2f} ms outside kernels); "
-                             f"ratio {tp['forward_ms'] / op['run_ms']:.2f}x.")
+            parts += _explain_ddim(prof, batch)
         elif key.startswith("int8"):
-            p8, p32 = ort("int8", batch), ort("fp32", batch)
-            parts += [ort_table(p8), "", ort_table(p32), ""]
-            if p8 and p32 and "error" not in p8 and "error" not in p32:
-                qdq = sum(o["ms_per_run"] for o in p8["ops"] if o["op"] in ("QuantizeLinear", "DequantizeLinear"))
-                s8, g8 = conv_share(p8, flops and flops * batch)
-                s32, g32 = conv_share(p32, flops and flops * batch)
-                parts.append(f"int8 run {p8['run_ms']:.2f} ms vs fp32 {p32['run_ms']:.2f} ms. Conv-like kernels: "
-                             f"int8 {100 * s8:.0f}% of kernel time at {g8 or 0:.0f} GOP/s, fp32 {100 * s32:.0f}% at "
-                             f"{g32 or 0:.0f} GFLOP/s. Quantize/DequantizeLinear: {qdq:.2f} ms/run "
-                             f"({100 * qdq / p8['node_ms']:.0f}% of int8 kernel time).")
+            parts += _explain_int8(prof, batch, flops)
         elif key.startswith("peak"):
-            p = ort("fp32", batch)
-            parts += [ort_table(p), ""]
-            if p and "error" not in p:
-                s, g = conv_share(p, flops and flops * batch)
-                parts.append(f"Conv-like kernels take {100 * s:.0f}% of the kernel time at {g or 0:.0f} GFLOP/s"
-                             + (f" ({100 * g / peak_gflops:.0f}% of the {peak_gflops:.0f} GFLOP/s matmul peak)"
-                                if g and peak_gflops else "")
-                             + "; the rest is element-wise work (GELU's Erf, normalisation, adds) that does no "
-                               "counted FLOPs but costs time.")
+            parts += _explain_peak(prof, batch, flops, peak_gflops)
         parts.append("")
     return "\n".join(parts)
 

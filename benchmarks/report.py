@@ -14,7 +14,11 @@ import math
 import sys
 from pathlib import Path
 
-CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
+from mdx.runtime.fileio import atomic_write, write_text
+
+from mdx.bench import headline
+
+CPU_EP, CUDA_EP, OPENVINO_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider"
 TARGETS = {
     "ddim25_b1": ("ONNX Runtime CPU fp32 >= 2x torch eager, whole DDIM-25 sampling, batch 1", 2.0),
     "ddim25_b128": ("ONNX Runtime CPU fp32 >= 1.5x torch eager, whole DDIM-25 sampling, batch 128", 1.5),
@@ -28,7 +32,7 @@ TARGETS = {
 
 
 def is_cpu(r: dict) -> bool:
-    return r.get("provider") in ("cpu", CPU_EP)
+    return r.get("provider") in ("cpu", CPU_EP, OPENVINO_EP)
 
 
 def is_cuda(r: dict) -> bool:
@@ -39,10 +43,10 @@ def label(r: dict) -> str:
     """A short backend label: torch eager, torch.compile, ORT fp32, ORT int8, ORT fp16 CUDA graph ..."""
     variant = r.get("variant")
     if r["backend"] == "torch":
-        name = {"eager": "torch eager", "compile": "torch.compile", "cuda_graph": "torch CUDA graph"}.get(
-            variant, f"torch {variant}" if variant else "torch")
-        return name if r.get("precision", "fp32") == "fp32" else f"{name} {r['precision']}"
-    name = f"ORT {r['precision']}"
+        name = {"eager": "torch eager", "compile": "torch.compile", "cuda_graph": "torch CUDA graph",
+                "bf16_autocast": "torch bf16 autocast"}.get(variant, f"torch {variant}" if variant else "torch")
+        return name if r.get("precision", "fp32") in ("fp32", "bf16") else f"{name} {r['precision']}"
+    name = f"ORT {r['precision']}" if r.get("provider") != OPENVINO_EP else f"ORT+OpenVINO {r['precision']}"
     if variant == "cuda_graph":
         name += " CUDA graph"
     return name
@@ -175,6 +179,11 @@ def machine_section(results: dict) -> str:
         lines.append(f"- fp32 matmul peak ({', '.join(f'{n}^3' for n in p.get('sizes', [p['n']]))}, {p['threads']} threads): "
                      + ", ".join(f"{k} {g:.0f}" for k, g in p["gflops"].items())
                      + f" GFLOP/s -> peak {p['peak_gflops']:.0f} GFLOP/s ({p['peak_backend']})")
+    if rf.get("cpu_peak", {}).get("peaks"):
+        p = rf["cpu_peak"]
+        lines.append("- roofs per precision (each record's % of peak is against its own precision's): "
+                     + ", ".join(f"{k} {v:.0f} ({p['peak_backends'][k]})" for k, v in p["peaks"].items())
+                     + (f"; {p['bf16_note']}" if p.get("bf16_note") else ""))
     if rf.get("gpu_peak"):
         lines.append(f"- GPU fp32 matmul peak: {rf['gpu_peak']['peak_gflops']:.0f} GFLOP/s ({rf['gpu_peak']['dtype']})")
     for name, fl in (rf.get("flops") or {}).items():
@@ -207,7 +216,8 @@ def forward_table(records: list[dict], cuda: bool = False, batches: tuple | None
 
 
 def sampling_table(records: list[dict], cuda: bool = False) -> str:
-    sel = [r for r in live(records, suite="sampling") if (is_cuda(r) if cuda else is_cpu(r))]
+    # peers (torch channels_last/bf16, OpenVINO) are in the headline table, not in this one
+    sel = [r for r in live(records, suite="sampling") if (is_cuda(r) if cuda else is_cpu(r)) and not r.get("peer")]
     groups: dict = {}
     for r in sel:
         key = (r["sampler"], r["steps"], r["guidance"], r["batch"])
@@ -284,6 +294,18 @@ def cpu_summary_table(results: dict) -> str:
 # --- plots -------------------------------------------------------------------------------------
 
 
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure to PNG, atomically (fileio.atomic_write); the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_forward(records: list[dict], out: Path, cuda: bool = False) -> list[Path]:
     import matplotlib
 
@@ -321,8 +343,7 @@ def plot_forward(records: list[dict], out: Path, cuda: bool = False) -> list[Pat
         fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in str(net))
         path = out / f"forward_{tag}_{safe}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -345,8 +366,7 @@ def plot_sampling(records: list[dict], out: Path) -> list[Path]:
     ax.set(ylabel="ORT fp32 speed-up over torch", title="whole sampling runs (CPU)")
     fig.tight_layout()
     path = out / "sampling_speedup_cpu.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return [path]
 
 
@@ -376,8 +396,7 @@ def plot_quality(records: list[dict], out: Path) -> list[Path]:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     path = out / "quality_vs_steps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return [path]
 
 
@@ -389,7 +408,9 @@ def render_markdown(results: dict, plots: list[Path] = ()) -> str:
     notes = results.get("notes", [])
     banner = contention_banner(results)
     parts = ["# mdx-bench results", ""] + ([banner, ""] if banner else []) + ["## Machine", "", machine_section(results), "",
-             "## Targets", "", targets_section(recs), ""]
+             "## Targets", "", targets_section(recs), "",
+             "## Headline: mdx's best deployed configuration against torch at its best", "",
+             headline.markdown(recs), ""]
     if results.get("analysis"):
         parts += ["## Analysis (profiles)", "", results["analysis"], ""]
     parts += ["## (a) Forward, CPU", "",
@@ -426,7 +447,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
                lambda: plot_sampling(recs, out), lambda: plot_quality(recs, out)):
         plots += fn()
     md = out / "results.md"
-    md.write_text(render_markdown(results, plots))
+    write_text(md, render_markdown(results, plots))
     return [md, *plots]
 
 
@@ -459,7 +480,7 @@ def update_readme(readme: Path, results: dict, results_dir: str = "") -> bool:
                + forward_table(recs, cuda=True, batches=(1, 128), network=default_network(recs)))
         new = _replace_between(new, "gpu", gpu)
     if new != text:
-        readme.write_text(new)
+        write_text(readme, new)
         return True
     return False
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mdx.bench.records import make_record
 from mdx.bench.timing import InterleavedTimer
+from mdx.runtime.fileio import write_text
 from mdx.runtime.schedules import make_schedule
 from mdx.train.data import ImageData, load_data
 from mdx.train.model import ContextUnet, count_parameters
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                   quick=a.quick, device=a.device, checkpoint_every=a.checkpoint_every)
     print(format_table(records))
     if a.json:
-        a.json.write_text(json.dumps(records, indent=2))
+        write_text(a.json, json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -296,6 +297,63 @@ def _cpu_session(path: Path):
 # --- the whole validation -------------------------------------------------------------------
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _check_graph(model: onnx.ModelProto, report: ValidationReport, fail: Callable[[str, str], None], *,
+                 channels: int, image_size: int, n_classes: int, schedule, metadata: bool, opset: int | None) -> None:
+    """Stages 1-4 on the loaded file; each one passed is appended to report.checks."""
+    C, H, K, precision = channels, image_size, n_classes, report.precision
+    stages = [
+        ("self-contained", lambda: check_self_contained(model)),
+        ("onnx.checker", lambda: onnx.checker.check_model(model, full_check=True)),
+        ("shape inference", lambda: onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)),
+        ("static graph", lambda: check_static_graph(model)),
+        ("contract", lambda: check_contract(model, C, H, K)),
+    ]
+    if metadata:
+        stages.append(("metadata", lambda: check_metadata(model, precision, C, H, K, schedule)))
+    for stage, check in stages:
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none swallowed
+            fail(stage, _first_line(e))
+        report.checks.append(stage)
+    if opset is not None and report.opset != opset:
+        fail("opset", f"the file's opset is {report.opset}, {opset} was requested")
+    if opset is not None:
+        report.checks.append(f"opset {opset}")
+
+
+def _check_parity(session, torch_model: torch.nn.Module, report: ValidationReport, fail: Callable[[str, str], None],
+                  *, num_train_timesteps: int, batch_sizes: tuple[int, ...], seed: int,
+                  tolerance: float | None) -> list[tuple[dict, np.ndarray]]:
+    """Stage 6: ONNX Runtime against torch per batch size; the (inputs, output) runs; ValidationError over the bound."""
+    cfg, precision = torch_model.config, report.precision
+    metric, bound = TOLERANCES[precision]
+    bound = bound if tolerance is None else float(tolerance)
+    rng = np.random.default_rng(seed)
+    runs: list[tuple[dict, np.ndarray]] = []  # (inputs, CPU provider output) per batch
+    for b in batch_sizes:
+        feeds = parity_inputs(b, cfg.in_channels, cfg.image_size, cfg.n_classes, num_train_timesteps, rng)
+        ref = torch_reference(torch_model, feeds)
+        try:
+            (y,) = session.run(list(OUTPUT_NAMES), feeds)
+        except Exception as e:  # noqa: BLE001
+            fail("onnxruntime", f"running batch {b} failed ({_first_line(e)})")
+        runs.append((feeds, y))
+        max_abs, rel_rms = error_figures(y, ref)
+        report.parity.append(ParityRow(b, max_abs, rel_rms, metric, bound))
+    if not report.ok:
+        w = report.worst()
+        name = "max |err|" if metric == "max_abs" else "relative RMS error"
+        fail("parity with torch", f"{precision} {name} {w.value:.3e} at batch {w.batch} exceeds {bound:g}\n"
+             + "\n".join(report.parity_lines()))
+    report.checks.append("parity")
+    return runs
+
+
 def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, precision: str = "fp32", *,
                   opset: int | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES, seed: int = 20240,
                   tolerance: float | None = None, metadata: bool = True) -> ValidationReport:
@@ -313,8 +371,6 @@ def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, prec
     path = Path(path)
     report = ValidationReport(path=path, precision=precision)
     cfg = torch_model.config
-    C, H, K = cfg.in_channels, cfg.image_size, cfg.n_classes
-    T = schedule.num_train_timesteps
 
     def fail(stage: str, detail: str) -> None:
         report.seconds = time.perf_counter() - t0
@@ -327,55 +383,16 @@ def validate_onnx(path: str | Path, torch_model: torch.nn.Module, schedule, prec
     report.opset = onnx_opset(model)
     report.nodes = len(all_nodes(model))
     report.size_bytes = path.stat().st_size
-
-    stages = [
-        ("self-contained", lambda: check_self_contained(model)),
-        ("onnx.checker", lambda: onnx.checker.check_model(model, full_check=True)),
-        ("shape inference", lambda: onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)),
-        ("static graph", lambda: check_static_graph(model)),
-        ("contract", lambda: check_contract(model, C, H, K)),
-    ]
-    if metadata:
-        stages.append(("metadata", lambda: check_metadata(model, precision, C, H, K, schedule)))
-    for stage, check in stages:
-        try:
-            check()
-        except Exception as e:  # noqa: BLE001 - every failure is reported, none swallowed
-            fail(stage, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        report.checks.append(stage)
-    if opset is not None and report.opset != opset:
-        fail("opset", f"the file's opset is {report.opset}, {opset} was requested")
-    if opset is not None:
-        report.checks.append(f"opset {opset}")
-
+    _check_graph(model, report, fail, channels=cfg.in_channels, image_size=cfg.image_size,
+                 n_classes=cfg.n_classes, schedule=schedule, metadata=metadata, opset=opset)
     try:
         session = _cpu_session(path)
     except Exception as e:  # noqa: BLE001
-        fail("onnxruntime", f"the CPU session cannot load the model ({str(e).strip().splitlines()[0]})")
+        fail("onnxruntime", f"the CPU session cannot load the model ({_first_line(e)})")
     report.checks.append("onnxruntime CPU session")
-
-    metric, bound = TOLERANCES[precision]
-    bound = bound if tolerance is None else float(tolerance)
-    rng = np.random.default_rng(seed)
-    runs: list[tuple[dict, np.ndarray]] = []  # (inputs, CPU provider output) per batch
-    for b in batch_sizes:
-        feeds = parity_inputs(b, C, H, K, T, rng)
-        ref = torch_reference(torch_model, feeds)
-        try:
-            (y,) = session.run(list(OUTPUT_NAMES), feeds)
-        except Exception as e:  # noqa: BLE001
-            fail("onnxruntime", f"running batch {b} failed ({str(e).strip().splitlines()[0]})")
-        runs.append((feeds, y))
-        max_abs, rel_rms = error_figures(y, ref)
-        report.parity.append(ParityRow(b, max_abs, rel_rms, metric, bound))
+    runs = _check_parity(session, torch_model, report, fail, num_train_timesteps=schedule.num_train_timesteps,
+                         batch_sizes=batch_sizes, seed=seed, tolerance=tolerance)
     report.seconds = time.perf_counter() - t0
-    if not report.ok:
-        w = report.worst()
-        name = "max |err|" if metric == "max_abs" else "relative RMS error"
-        raise ValidationError(
-            f"validation failed: parity with torch: {precision} {name} {w.value:.3e} at batch {w.batch} "
-            f"exceeds {bound:g}\n" + "\n".join(report.parity_lines()), report)
-    report.checks.append("parity")
     report.openvino = openvino_parity(path, runs)
     return report
 

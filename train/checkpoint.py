@@ -134,6 +134,11 @@ def state_to_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def weights_metadata(config: dict, step: int = 0) -> dict[str, str]:
+    """The safetensors metadata that makes a weights file self-describing."""
+    return {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(step)}
+
+
 def save_checkpoint(run_dir: Path, config: dict, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, progress: dict) -> Path:
     """Write a complete checkpoint into `run_dir/checkpoint/`, replaced as a whole (fileio.atomic_dir).
@@ -142,7 +147,7 @@ def save_checkpoint(run_dir: Path, config: dict, model: torch.nn.Module, ema: to
     the previous checkpoint as it was, with no temporary folder beside it.
     """
     final = Path(run_dir) / CKPT_DIR
-    meta = {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(progress.get("step", 0))}
+    meta = weights_metadata(config, progress.get("step", 0))
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     with atomic_dir(final) as tmp:
         try:
@@ -314,5 +319,5 @@ def make_run_config(model_config: ModelConfig | UNet2DConfig, schedule: Schedule
 def save_weights_file(path: str | Path, module: torch.nn.Module, config: dict, step: int = 0) -> Path:
     """Write one self-describing weights file (atomically); what tests and tools use."""
     path = Path(path)
-    write_tensors(path, state_to_cpu(module), {"mdx.config": json.dumps(config, sort_keys=True), "mdx.step": str(step)})
+    write_tensors(path, state_to_cpu(module), weights_metadata(config, step))
     return path

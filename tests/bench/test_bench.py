@@ -165,7 +165,7 @@ def test_flop_count_of_the_default_network_matches_the_design():
 
     torch.manual_seed(0)
     counted = count_flops(ContextUnet(ModelConfig(n_feat=64, n_classes=5)).eval(), (3, 16, 16), 5)
-    assert counted["gflop_per_image"] == pytest.approx(0.30, abs=0.005)  # DESIGN.md: 0.30 GFLOP per image
+    assert counted["gflop_per_image"] == pytest.approx(0.30, abs=0.005)  # docs/contract.md: 0.30 GFLOP per image
     assert counted["by_op"]["aten.convolution"] > 0.99 * counted["flops_per_image"]
 
 
@@ -383,3 +383,43 @@ def test_calibrate_number_sizes_from_the_fastest_of_three_calls():
     clock = FakeClock()
     times = iter([0.040, 0.002, 0.003])
     assert calibrate_number(lambda: clock.advance(next(times)), 0.05, clock=clock) == 25
+
+
+# --- writing fails (issue 17) ------------------------------------------------------------------
+
+
+def _no_space_for(monkeypatch, name: str) -> None:
+    """fileio cannot create the temporary file for the target called `name` (a full disk)."""
+    import errno
+    import os
+
+    from mdx.runtime import fileio
+
+    real = fileio.tempfile.mkstemp
+
+    def mkstemp(*args, prefix: str = "", **kwargs):
+        if prefix.startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+
+
+def test_cli_results_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """results.json is written first thing (and after every suite): a full disk ends the run in one line."""
+    _no_space_for(monkeypatch, "results.json")
+    out = tmp_path / "run"
+    result, lines = _invoke(["--out", str(out), "--suites", "forward", "--device", "cpu"])
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert lines == [f"mdx-bench: error: cannot write {out / 'results.json'}: No space left on device"], lines
+    assert "Traceback" not in result.output and [p.name for p in out.iterdir()] == []
+
+
+@pytest.mark.parametrize("name", ["results.md", "quality_vs_steps.png"])
+def test_report_writers_fail_cleanly(name, tmp_path, monkeypatch):
+    from mdx.runtime.fileio import WriteError
+
+    _no_space_for(monkeypatch, name)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / name}: No space left on device"):
+        report.write_report(_fake_results(), tmp_path)
+    assert not (tmp_path / name).exists() and not list(tmp_path.glob(".*"))
