@@ -31,10 +31,11 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from mdx.runtime.contract import (INPUTS, OUTPUT, OVERRIDE_KEYS, PRECISIONS, PREDICTION_TYPES,  # noqa: F401
-                                  ModelError, ModelInfo, parse_model_info)
+# ModelError and ModelInfo are defined with the contract and re-exported here, where callers meet them.
+from mdx.runtime.contract import INPUTS, OUTPUT, ModelError, ModelInfo, parse_model_info
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+from mdx.runtime import providers
+from mdx.runtime.providers import CPU, CUDA, OPENVINO  # noqa: F401 -- re-exported
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -97,6 +98,12 @@ def cuda_provider_options(cuda_graph: bool = False) -> dict[str, str]:
     return _cuda_options(cuda_graph)
 
 
+def cpu_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """A plain session on the CPU provider, for models outside the contract (the eval
+    classifier); a file onnxruntime cannot load is a ModelError naming it and why."""
+    return _create_session(Path(path), [CPU], threads)
+
+
 def _session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads is not None:
@@ -104,11 +111,13 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
-def _create_session(path: Path, providers: list, threads: int | None,
-                    cuda_graph: bool = False) -> ort.InferenceSession:
+def _create_session(path: Path, spec: list | None, threads: int | None,
+                    cuda_graph: bool = False, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A session on the providers of `spec`, or on those already put on `options` (plugins)."""
+    options = options if options is not None else _session_options(threads)
     try:
         with _quiet_onnxruntime():
-            return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=providers)
+            return ort.InferenceSession(str(path), sess_options=options, providers=spec)
     except _ort_errors.InvalidProtobuf:
         raise ModelError(f"cannot load {path}: it is not an ONNX model (protobuf parsing failed)") from None
     except ORT_LOAD_ERRORS as e:
@@ -117,6 +126,20 @@ def _create_session(path: Path, providers: list, threads: int | None,
             # e.g. a node the CUDA provider cannot take: CUDA graphs need every node on the GPU
             raise ModelError(f"cannot run {path} as a CUDA graph ({first}); run without --cuda-graph") from None
         raise ModelError(f"cannot load {path} as an ONNX model: {first}") from None
+
+
+def _openvino_session(path: Path, threads: int | None, compute_precision: str,
+                      isa: providers.CpuIsa) -> tuple[ort.InferenceSession, str]:
+    """A session on the OpenVINO plugin computing in fp32 or bf16; ProviderError where it cannot run."""
+    precision = providers.resolve_openvino_precision(compute_precision, isa)
+    devices = providers.require_openvino_cpu_devices(isa)
+    options = _session_options(threads)
+    providers.add_openvino(options, devices, precision, threads)
+    session = _create_session(path, None, threads, options=options)
+    running = session.get_providers()[0]
+    if running != OPENVINO:
+        raise ModelError(f"provider {OPENVINO} did not start (onnxruntime runs {running})")
+    return session, precision
 
 
 def usable_providers(path: Path) -> list[str]:
@@ -134,39 +157,74 @@ def usable_providers(path: Path) -> list[str]:
             continue
         if session.get_providers()[0] == name:
             usable.append(name)
+    if providers.openvino_installed():
+        try:
+            _openvino_session(path, None, "fp32", providers.cpu_isa())
+            usable.append(OPENVINO)
+        except (ModelError, providers.ProviderError):
+            pass  # not usable here: exactly what this list says
     return usable
 
 
-def open_session(path: Path, provider: str = "auto", threads: int | None = None,
-                 cuda_graph: bool = False) -> tuple[ort.InferenceSession, list[str]]:
-    """Create the session on the requested provider; returns it and notes for the user.
-
-    `auto` takes CUDA when it really starts and the CPU otherwise. A named provider that
-    is unknown, not in this build, or that fell back to another is a ModelError that lists
-    the usable ones.
-    """
+def _open_auto(path: Path, threads: int | None, cuda_graph: bool,
+               compute_precision: str) -> tuple[ort.InferenceSession, list[str], str | None]:
+    """`auto`: CUDA when it really starts, then OpenVINO where it is the faster CPU path
+    (providers.auto_prefers_openvino; or where bf16 is asked, which only it computes), then the CPU."""
     notes: list[str] = []
+    if compute_precision != "bf16" and CUDA in ort.get_available_providers():
+        _preload_cuda_libraries()
+        session = _create_session(path, [(CUDA, _cuda_options(cuda_graph)), CPU], threads, cuda_graph)
+        if session.get_providers()[0] == CUDA:
+            return session, notes, None
+        notes.append("CUDA did not start: no GPU, or the CUDA/cuDNN libraries are missing (see the README)")
+    if cuda_graph:
+        notes.append("--cuda-graph ignored: it needs CUDA")
+    isa = providers.cpu_isa()
+    prefer, why_not = providers.auto_prefers_openvino(isa)
+    if why_not:
+        notes.append(why_not)
+    if prefer or compute_precision == "bf16":
+        session, precision = _openvino_session(path, threads, compute_precision, isa)
+        return session, notes + [f"OpenVINO computes in {precision}"], precision
+    return _create_session(path, [CPU], threads), notes, None
+
+
+def open_session(path: Path, provider: str = "auto", threads: int | None = None, cuda_graph: bool = False,
+                 compute_precision: str = "auto") -> tuple[ort.InferenceSession, list[str], str | None]:
+    """Create the session on the requested provider; returns it, notes for the user, and the
+    compute precision OpenVINO was given (None for the other providers: the file's precision).
+
+    `provider` is auto, cpu, cuda, openvino or an onnxruntime provider name. `auto` takes CUDA
+    when it really starts, OpenVINO where it is the faster CPU path, the CPU otherwise. A named
+    provider that is unknown, not in this build or plugin-less, or that fell back to another,
+    and a compute precision it cannot honour, are ModelErrors that say what to do instead.
+    """
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ModelError(f"threads must be a positive integer, got {threads!r}")
-    available = ort.get_available_providers()
-    if provider == "auto":
-        if CUDA in available:
-            _preload_cuda_libraries()
-            session = _create_session(path, [(CUDA, _cuda_options(cuda_graph)), CPU], threads, cuda_graph)
-            if session.get_providers()[0] == CUDA:
-                return session, notes
-            notes.append("CUDA did not start: no GPU, or the CUDA/cuDNN libraries are missing (see the README)")
-        if cuda_graph:
-            notes.append("--cuda-graph ignored: it needs CUDA")
-        return _create_session(path, [CPU], threads), notes
+    try:
+        provider = providers.canonical_provider(provider)
+        providers.check_compute_precision(compute_precision)
+        if provider == "auto":
+            return _open_auto(path, threads, cuda_graph, compute_precision)
+        if cuda_graph and provider != CUDA:
+            raise ModelError(f"--cuda-graph needs the CUDA provider, not {provider}")
+        if provider == OPENVINO:
+            session, precision = _openvino_session(path, threads, compute_precision, providers.cpu_isa())
+            return session, [f"OpenVINO computes in {precision}"], precision
+        providers.check_other_provider_precision(compute_precision, provider)
+    except providers.ProviderError as e:
+        raise ModelError(str(e)) from None
+    return _open_named(path, provider, threads, cuda_graph), [], None
 
+
+def _open_named(path: Path, provider: str, threads: int | None, cuda_graph: bool) -> ort.InferenceSession:
+    """A session on a provider built into onnxruntime (CPU, CUDA, ...), which must really run."""
+    available = ort.get_available_providers()
     if provider not in ort.get_all_providers():
         raise ModelError(f"unknown provider {provider!r}; usable here: auto, {', '.join(usable_providers(path))}")
     if provider not in available:
         raise ModelError(f"provider {provider} is not in this onnxruntime build; "
                          f"usable here: auto, {', '.join(usable_providers(path))}")
-    if cuda_graph and provider != CUDA:
-        raise ModelError(f"--cuda-graph needs the CUDA provider, not {provider}")
     if provider == CUDA:
         _preload_cuda_libraries()
         spec: list = [(CUDA, _cuda_options(cuda_graph)), CPU]
@@ -177,7 +235,7 @@ def open_session(path: Path, provider: str = "auto", threads: int | None = None,
     if running != provider:
         raise ModelError(f"provider {provider} did not start (onnxruntime fell back to {running}); "
                          f"usable here: auto, {', '.join(usable_providers(path))}")
-    return session, notes
+    return session
 
 
 # --- metadata -------------------------------------------------------------------------
@@ -271,11 +329,13 @@ class OnnxDenoiser:
     MAX_BINDINGS = 8  # batch sizes kept bound at once (each holds its buffers, maybe a CUDA graph)
 
     def __init__(self, session: ort.InferenceSession, info: ModelInfo, notes: list[str] | None = None,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, compute_precision: str | None = None) -> None:
         self.session = session
         self.info = info
         self.notes = list(notes or [])
         self.provider = session.get_providers()[0]
+        # What the provider computes in: OpenVINO's precision hint, else the file's own precision.
+        self.compute_precision = compute_precision or info.precision
         self.cuda_graph = bool(cuda_graph) and self.provider == CUDA
         self._device = "cuda" if self.provider == CUDA else "cpu"
         self._bindings: dict[int, Binding] = {}
@@ -283,17 +343,19 @@ class OnnxDenoiser:
 
     @classmethod
     def load(cls, path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-             cuda_graph: bool = False, overrides: dict | None = None) -> "OnnxDenoiser":
-        """Open `path` on `provider` ("auto" or an onnxruntime provider name) and read its metadata."""
+             cuda_graph: bool = False, overrides: dict | None = None,
+             compute_precision: str = "auto") -> "OnnxDenoiser":
+        """Open `path` on `provider` (auto, cpu, cuda, openvino or an onnxruntime provider name),
+        computing in `compute_precision` (auto, fp32, bf16: providers.py), and read its metadata."""
         path = Path(path)
         if not path.exists():
             raise ModelError(f"model file {path} does not exist")
         if not path.is_file():
             raise ModelError(f"model path {path} is not a file")
-        session, notes = open_session(path, provider, threads, cuda_graph)
+        session, notes, compute_precision = open_session(path, provider, threads, cuda_graph, compute_precision)
         _check_signature(session, path)
         info = read_model_info(session, path, overrides)
-        return cls(session, info, notes, cuda_graph)
+        return cls(session, info, notes, cuda_graph, compute_precision)
 
     def binding(self, batch: int) -> Binding:
         """The reused buffers for `batch` images (created on first use, then cached)."""
@@ -336,4 +398,4 @@ class OnnxDenoiser:
         return bound.run().copy()
 
     def __repr__(self) -> str:
-        return f"OnnxDenoiser({str(self.info.path)!r}, provider={self.provider})"
+        return f"OnnxDenoiser({str(self.info.path)!r}, provider={self.provider}, compute={self.compute_precision})"
