@@ -12,28 +12,29 @@ end in one line `mdx-sample: error: ...` and exit code 2, with nothing written.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import click
-from typing import NoReturn
 
-from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 
 import mdx.runtime
-from mdx.runtime.images import (OutputError, check_writable, grid_columns, output_kind, save_folder,
+from mdx.runtime.contract import PREDICTION_TYPES, resolve_settings
+from mdx.runtime.images import (OutputError, WriteError, check_writable, grid_columns, output_kind, save_folder,
                                 save_gif, save_grid_png, save_npz)
+from mdx.runtime.providers import COMPUTE_PRECISIONS
 from mdx.runtime.pipeline import PipelineError, build_context, generate, prepare_sampler
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import SCHEDULES, ScheduleError
-from mdx.runtime.contract import FALLBACK, PREDICTION_TYPES, resolve_settings  # noqa: F401 -- FALLBACK re-exported
 from mdx.runtime.session import ModelError, OnnxDenoiser
 
 PROG = "mdx-sample"
 DEFAULT_MODEL_NAME = Path("models") / "emoji16.onnx"
 MAX_DEFAULT_N = 64
-USER_ERRORS = (ModelError, PipelineError, OutputError, SamplerError, ScheduleError)
+USER_ERRORS = (ModelError, PipelineError, OutputError, WriteError, SamplerError, ScheduleError)
 
 
 class UsageError(ValueError):
@@ -119,54 +120,11 @@ def _info(message: str) -> None:
     click.echo(f"{PROG}: {message}", err=True)
 
 
-# --- the command ----------------------------------------------------------------------
+# --- the parts of a run -----------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    fail(PROG, message, code)
-
-
-@click.command(cls=one_line_command(PROG, (UsageError, *USER_ERRORS)), context_settings=CONTEXT_SETTINGS)
-@click.option("--model", metavar="FILE", default=None,
-              help="ONNX model (default: $MDX_MODEL, ./models/emoji16.onnx, then the repository's models/emoji16.onnx).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
-              help="Sampler (default: the model's recommendation, else ddim).")
-@click.option("--steps", type=int, default=None, help="Sampling steps, 1..T (default: the model's recommendation, else 25).")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale in [0, 1] (ddim only).")
-@click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale s >= 0; 1 is the conditional model alone (default: the model's "
-                   "recommendation, else 1).")
-@click.option("--class", "classes", multiple=True, metavar="NAME|INDEX",
-              help="Condition on this class; repeat to mix classes (multi-hot). Default: cycle through all classes.")
-@click.option("--unconditional", is_flag=True, help="Sample without a class (all-zero context).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (x_T and the sampler's noise).")
-@click.option("-n", "--num-images", "n", type=int, default=None,
-              help=f"Number of images (default: 2 per class, at most {MAX_DEFAULT_N}).")
-@click.option("--provider", default="auto", show_default=True,
-              help="auto (CUDA when it really works, else CPU) or an onnxruntime provider name.")
-@click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime (default: its choice).")
-@click.option("--cuda-graph", is_flag=True, help="Replay the model as a CUDA graph (CUDA provider, fixed batch).")
-@click.option("--out", default="samples.png", show_default=True, metavar="PATH",
-              help="A .png grid, an .npz (images, labels, samples) or a folder (one PNG per image).")
-@click.option("--gif", default=None, metavar="PATH", help="Also write a .gif of the predicted x_0 at each step.")
-@click.option("--scale", type=int, default=4, show_default=True, help="Nearest-neighbour upscaling of PNG/GIF images.")
-@click.option("--telemetry", default=None, metavar="FILE.csv",
-              help="Record GPU utilisation, memory and power (NVML) while sampling.")
-@click.option("--timesteps", type=int, default=None, help="Foreign models: training timesteps T.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Foreign models: beta schedule [linear].")
-@click.option("--beta-start", type=float, default=None, help="Foreign models: first beta [1e-4].")
-@click.option("--beta-end", type=float, default=None, help="Foreign models: last beta [0.02].")
-@click.option("--classes", "class_list", default=None, metavar="NAMES|COUNT",
-              help="Foreign models: comma-separated class names, or their number.")
-@click.option("--image-size", type=int, default=None, help="Foreign models: image height = width.")
-@click.option("--channels", type=int, default=None, help="Foreign models: image channels.")
-@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
-              help="Foreign models: what the network predicts [epsilon].")
-def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, provider, threads, cuda_graph,
-         out, gif, scale, telemetry, timesteps, schedule, beta_start, beta_end, class_list, image_size, channels,
-         prediction_type):
-    """Sample images from an mdx ONNX model with ONNX Runtime (no torch)."""
-    # 1. Everything that can be checked without the model, before loading it.
+def check_options(*, n, steps, guidance, seed, scale, threads, classes, unconditional, out, gif, telemetry) -> str:
+    """Everything that can be checked before the model is loaded; returns the output kind."""
     if n is not None and n < 1:
         raise UsageError(f"-n {n}: the number of images must be at least 1")
     if steps is not None and steps < 1:
@@ -189,37 +147,11 @@ def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, 
         check_writable(gif, "gif")
     if telemetry is not None:
         check_writable(telemetry, "csv")
+    return kind
 
-    # 2. The model, its metadata and the provider.
-    overrides = {"timesteps": timesteps, "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
-                 "classes": parse_classes_option(class_list), "image_size": image_size, "channels": channels,
-                 "prediction_type": prediction_type}
-    path = find_model(model)
-    load_start = time.perf_counter()
-    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads, cuda_graph=cuda_graph,
-                                 overrides={k: v for k, v in overrides.items() if v is not None})
-    load_seconds = time.perf_counter() - load_start
-    info = denoiser.info
 
-    # 3. Sampler settings: the command line, else the model's recommendation, else the fallback.
-    settings = resolve_settings(info, sampler, steps, guidance)
-    sampler, steps, guidance = settings.sampler, settings.steps, settings.guidance
-    T = info.schedule.num_train_timesteps
-    if steps > T:
-        raise UsageError(f"--steps {steps} is more than the model's {T} training timesteps")
-    K = info.num_classes
-    if n is None:
-        n = min(2 * K, MAX_DEFAULT_N)
-    context, labels = build_context(info.class_names, list(classes), unconditional, n)
-    prepare_sampler(info, sampler, steps, eta, settings.sampler_options)  # a bad option fails here, before any output
-
-    what = ("unconditional" if unconditional else
-            f"class {'+'.join(classes)}" if classes else f"all {K} classes")
-    _info(f"{path.name}: {n} images, {what}, {sampler} {steps} steps, guidance {guidance:g}, seed {seed}, "
-          f"on {denoiser.provider} (loaded in {load_seconds:.2f} s)"
-          + "".join(f"; {note}" for note in (*denoiser.notes, *settings.notes)))
-
-    # 4. Sample, with telemetry around it when asked.
+def sample_with_telemetry(denoiser, telemetry: str | None, **generate_args):
+    """`generate`, with NVML telemetry recorded around it into `telemetry` (a CSV) when asked."""
     recorder = None
     if telemetry is not None:
         from mdx.runtime.telemetry import start_telemetry
@@ -228,30 +160,128 @@ def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, 
         if recorder is None:
             _info(f"{why_not}; {telemetry} not written")
     try:
-        result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
-                          eta=eta, seed=seed, record_x0=gif is not None, progress=Progress("sampling"),
-                          sampler_options=settings.sampler_options)
+        result = generate(denoiser, **generate_args)
     finally:
         if recorder is not None:
-            recorder.stop()
+            recorder.stop()  # writes the CSV atomically (WriteError if it cannot)
     if recorder is not None:
         _info(f"telemetry: {recorder.summary()}; wrote {telemetry}")
+    return result
 
-    # 5. Write the outputs (each atomically).
-    columns = grid_columns(n, K)
-    unlabelled = "uncond" if unconditional else "mix"
-    if kind == "png":
-        save_grid_png(result.samples, out, columns, scale)
-        _info(f"wrote {out} ({n} images, {columns} per row, scale {scale})")
-    elif kind == "npz":
-        save_npz(result.samples, labels, out)
-        _info(f"wrote {out} (images, labels, samples for {n} images)")
-    else:
-        save_folder(result.samples, labels, info.class_names, out, unlabelled=unlabelled)
-        _info(f"wrote {n} PNGs to {out}")
-    if gif is not None:
-        save_gif(result.x0_frames, result.samples, gif, columns, scale)
-        _info(f"wrote {gif} ({len(result.x0_frames)} steps)")
+
+def write_outputs(result, labels, class_names, *, kind: str, out: str, gif: str | None, scale: int,
+                  unlabelled: str) -> None:
+    """The samples to `out` (a grid, an npz or a folder) and the animation to `gif`, each atomically.
+
+    When a later write fails, the outputs this run created are removed again, so a failed run
+    leaves no new files behind (WriteError names the path that failed and why).
+    """
+    n = len(labels)
+    columns = grid_columns(n, len(class_names))
+    created = [Path(p) for p in (out, gif) if p is not None and not Path(p).exists()]
+    try:
+        if kind == "png":
+            save_grid_png(result.samples, out, columns, scale)
+            _info(f"wrote {out} ({n} images, {columns} per row, scale {scale})")
+        elif kind == "npz":
+            save_npz(result.samples, labels, out)
+            _info(f"wrote {out} (images, labels, samples for {n} images)")
+        else:
+            save_folder(result.samples, labels, class_names, out, unlabelled=unlabelled)
+            _info(f"wrote {n} PNGs to {out}")
+        if gif is not None:
+            save_gif(result.x0_frames, result.samples, gif, columns, scale)
+            _info(f"wrote {gif} ({len(result.x0_frames)} steps)")
+    except BaseException:
+        for path in created:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        raise
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+@click.command(cls=one_line_command(PROG, (UsageError, *USER_ERRORS)), context_settings=CONTEXT_SETTINGS)
+@click.option("--model", metavar="FILE", default=None,
+              help="ONNX model (default: $MDX_MODEL, ./models/emoji16.onnx, then the repository's models/emoji16.onnx).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="Sampler (default: the model's recommendation, else ddim).")
+@click.option("--steps", type=int, default=None, help="Sampling steps, 1..T (default: the model's recommendation, else 25).")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale in [0, 1] (ddim only).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale s >= 0; 1 is the conditional model alone (default: the model's "
+                   "recommendation, else 1).")
+@click.option("--class", "classes", multiple=True, metavar="NAME|INDEX",
+              help="Condition on this class; repeat to mix classes (multi-hot). Default: cycle through all classes.")
+@click.option("--unconditional", is_flag=True, help="Sample without a class (all-zero context).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (x_T and the sampler's noise).")
+@click.option("-n", "--num-images", "n", type=int, default=None,
+              help=f"Number of images (default: 2 per class, at most {MAX_DEFAULT_N}).")
+@click.option("--provider", default="auto", show_default=True,
+              help="auto (CUDA when it really works, then OpenVINO where it is the faster CPU path, else CPU), "
+                   "cpu, cuda, openvino, or an onnxruntime provider name.")
+@click.option("--compute-precision", type=click.Choice(COMPUTE_PRECISIONS), default="auto", show_default=True,
+              help="What OpenVINO computes in (not the file's precision): auto = bf16 where the CPU has native "
+                   "bf16 (AMX/AVX512-BF16), else fp32.")
+@click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime (default: its choice).")
+@click.option("--cuda-graph", is_flag=True, help="Replay the model as a CUDA graph (CUDA provider, fixed batch).")
+@click.option("--out", default="samples.png", show_default=True, metavar="PATH",
+              help="A .png grid, an .npz (images, labels, samples) or a folder (one PNG per image).")
+@click.option("--gif", default=None, metavar="PATH", help="Also write a .gif of the predicted x_0 at each step.")
+@click.option("--scale", type=int, default=4, show_default=True, help="Nearest-neighbour upscaling of PNG/GIF images.")
+@click.option("--telemetry", default=None, metavar="FILE.csv",
+              help="Record GPU utilisation, memory and power (NVML) while sampling.")
+@click.option("--timesteps", type=int, default=None, help="Foreign models: training timesteps T.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Foreign models: beta schedule [linear].")
+@click.option("--beta-start", type=float, default=None, help="Foreign models: first beta [1e-4].")
+@click.option("--beta-end", type=float, default=None, help="Foreign models: last beta [0.02].")
+@click.option("--classes", "class_list", default=None, metavar="NAMES|COUNT",
+              help="Foreign models: comma-separated class names, or their number.")
+@click.option("--image-size", type=int, default=None, help="Foreign models: image height = width.")
+@click.option("--channels", type=int, default=None, help="Foreign models: image channels.")
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
+              help="Foreign models: what the network predicts [epsilon].")
+def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, provider, compute_precision,
+         threads, cuda_graph,
+         out, gif, scale, telemetry, timesteps, schedule, beta_start, beta_end, class_list, image_size, channels,
+         prediction_type):
+    """Sample images from an mdx ONNX model with ONNX Runtime (no torch)."""
+    kind = check_options(n=n, steps=steps, guidance=guidance, seed=seed, scale=scale, threads=threads,
+                         classes=classes, unconditional=unconditional, out=out, gif=gif, telemetry=telemetry)
+    overrides = {"timesteps": timesteps, "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
+                 "classes": parse_classes_option(class_list), "image_size": image_size, "channels": channels,
+                 "prediction_type": prediction_type}
+    path = find_model(model)
+    load_start = time.perf_counter()
+    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads, cuda_graph=cuda_graph,
+                                 compute_precision=compute_precision,
+                                 overrides={k: v for k, v in overrides.items() if v is not None})
+    load_seconds = time.perf_counter() - load_start
+    info = denoiser.info
+
+    # The command line, else the model's recommendation, else the fallback; checked before sampling.
+    settings = resolve_settings(info, sampler, steps, guidance)
+    T = info.schedule.num_train_timesteps
+    if settings.steps > T:
+        raise UsageError(f"--steps {settings.steps} is more than the model's {T} training timesteps")
+    n = n if n is not None else min(2 * info.num_classes, MAX_DEFAULT_N)
+    context, labels = build_context(info.class_names, list(classes), unconditional, n)
+    prepare_sampler(info, settings.sampler, settings.steps, eta, settings.sampler_options)
+
+    what = ("unconditional" if unconditional else
+            f"class {'+'.join(classes)}" if classes else f"all {info.num_classes} classes")
+    _info(f"{path.name}: {n} images, {what}, {settings.sampler} {settings.steps} steps, guidance "
+          f"{settings.guidance:g}, seed {seed}, on {denoiser.provider} ({denoiser.compute_precision}, "
+          f"loaded in {load_seconds:.2f} s)" + "".join(f"; {note}" for note in (*denoiser.notes, *settings.notes)))
+    result = sample_with_telemetry(denoiser, telemetry, sampler=settings.sampler, steps=settings.steps, n=n,
+                                   context=context, guidance=settings.guidance, eta=eta, seed=seed,
+                                   record_x0=gif is not None, progress=Progress("sampling"),
+                                   sampler_options=settings.sampler_options)
+    write_outputs(result, labels, info.class_names, kind=kind, out=out, gif=gif, scale=scale,
+                  unlabelled="uncond" if unconditional else "mix")
     click.echo(summary_line(n, result.total_seconds, result.model_seconds, denoiser.provider))
 
 

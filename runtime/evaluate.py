@@ -4,7 +4,7 @@
     mdx-eval samples.npz                        # a file written by `mdx-sample --out samples.npz`
 
 Three numbers, all in the classifier's terms (models/emoji16-classifier.onnx, trained by
-`python -m mdx.train.classifier` on the train split `split_indices(N, 0.2, seed=0)`):
+`python -m mdx.export.classifier` on the train split `split_indices(N, 0.2, seed=0)`):
 
 - FD: the Fréchet distance between Gaussians fitted to the classifier's penultimate-layer
   features (its `features` output) of the samples and of the real images. The real reference
@@ -39,7 +39,6 @@ classifier) end in one line `mdx-eval: error: ...` and exit code 2.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import zipfile
 import zlib
@@ -47,175 +46,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from typing import NoReturn
-
-from mdx.runtime.cli_common import CONTEXT_SETTINGS, fail, one_line_command
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 from mdx.runtime.contract import resolve_settings
+from mdx.runtime.fileio import WriteError, write_text
+from mdx.runtime.images import to_float
+from mdx.runtime.metrics import (FLOOR_DRAWS, FLOOR_SEED, ClassMoments, EvalError, Gaussian,  # noqa: F401
+                                 class_mixture, class_shares, fd_floor, fit_gaussian, frechet_distance,
+                                 score_features)
+from mdx.runtime.providers import COMPUTE_PRECISIONS
 from mdx.runtime.samplers import SAMPLERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLASSIFIER = REPO_ROOT / "models" / "emoji16-classifier.onnx"
 DEFAULT_REAL = REPO_ROOT / "train" / "data" / "emoji16.npz"
-FLOOR_DRAWS = 5
-FLOOR_SEED = 0  # fixed: the floor is a property of the data, n and the class mix, not of --seed
-CPU = "CPUExecutionProvider"
 PROG = "mdx-eval"
-# Errors onnxruntime raises for a file it cannot load (they derive from Exception only).
-_ORT_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
-                    _ort_errors.NoSuchFile, _ort_errors.InvalidArgument, _ort_errors.NotImplemented,
-                    _ort_errors.RuntimeException)
-
-
-class EvalError(ValueError):
-    """A bad input to the evaluator; the message names the file or value and the problem."""
-
-
-# --- the Fréchet distance ----------------------------------------------------------------
-
-
-def _sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric positive semi-definite matrix, by eigendecomposition;
-    tiny negative eigenvalues (round-off) are clipped to 0."""
-    w, v = np.linalg.eigh(sigma)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def _check_gaussian(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise EvalError(f"{which}: mean must be (D,) and covariance (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvalError(f"{which}: mean or covariance is not finite")
-    return mu, (sigma + sigma.T) / 2  # exactly symmetric for eigh
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
-
-        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)
-
-    (Dowson & Landau 1982; Heusel et al. 2017, Eq. 6). S1^1/2 S2 S1^1/2 is symmetric PSD and has
-    the eigenvalues of S1 S2, so its trace-root is the usual tr sqrt(S1 S2) without scipy's
-    non-symmetric sqrtm.
-    """
-    mu1, s1 = _check_gaussian(mu1, sigma1, "first Gaussian")
-    mu2, s2 = _check_gaussian(mu2, sigma2, "second Gaussian")
-    if mu1.shape != mu2.shape:
-        raise EvalError(f"the Gaussians have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}")
-    root1 = _sqrtm_psd(s1)
-    middle = root1 @ s2 @ root1
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
-    diff = mu1 - mu2
-    d2 = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt
-    return max(float(d2), 0.0)  # >= 0 in exact arithmetic; round-off can leave -1e-12
-
-
-# --- Gaussians of features ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Gaussian:
-    mu: np.ndarray     # (D,) float64
-    sigma: np.ndarray  # (D, D) float64
-    n: int             # images it was fitted to
-
-
-def fit_gaussian(features: np.ndarray) -> Gaussian:
-    """Mean and covariance (ddof 1, as FID) of (N, D) features, N >= 2."""
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise EvalError(f"need at least 2 feature vectors (N, D) to fit a Gaussian, got shape {x.shape}")
-    return Gaussian(x.mean(axis=0), np.cov(x, rowvar=False), len(x))
-
-
-@dataclass(frozen=True)
-class ClassMoments:
-    """Per-class sums of x and x x^T (float64), from which any class mixture's Gaussian follows.
-
-    Kept as sums so that the moments of a part of a set are the set's minus the other part's:
-    the floor's reference (all real images but n) costs n images of work, not N.
-    """
-
-    count: np.ndarray  # (K,)
-    sum: np.ndarray    # (K, D)
-    outer: np.ndarray  # (K, D, D)
-
-    @classmethod
-    def of(cls, features: np.ndarray, labels: np.ndarray, K: int) -> "ClassMoments":
-        x = np.asarray(features, dtype=np.float64)
-        D = x.shape[1]
-        count, total, outer = np.zeros(K), np.zeros((K, D)), np.zeros((K, D, D))
-        for k in range(K):
-            xk = x[labels == k]
-            count[k], total[k], outer[k] = len(xk), xk.sum(axis=0), xk.T @ xk
-        return cls(count, total, outer)
-
-    def __sub__(self, other: "ClassMoments") -> "ClassMoments":
-        return ClassMoments(self.count - other.count, self.sum - other.sum, self.outer - other.outer)
-
-    def mixture(self, weights: np.ndarray) -> Gaussian:
-        """The moment-matched Gaussian of the class mixture in which class k has weight weights[k]:
-
-        mu = sum_k w_k mu_k;  sigma = sum_k w_k E_k[x x^T] - mu mu^T
-        (with the data's own class shares: the ddof-0 covariance of all images).
-        """
-        needed = np.flatnonzero((np.asarray(weights) > 0) & (self.count == 0))
-        if len(needed):
-            raise EvalError(f"the real data has no images of class {needed[0]}, which the samples need")
-        w = np.where(self.count > 0, weights / np.maximum(self.count, 1), 0.0)  # weight per image
-        mu = w @ self.sum
-        second = np.tensordot(w, self.outer, axes=1)
-        return Gaussian(mu, second - np.outer(mu, mu), int(self.count.sum()))
-
-
-def class_mixture(features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> Gaussian:
-    """The Gaussian of the images reweighted so that class k has total weight weights[k]."""
-    return ClassMoments.of(features, labels, len(weights)).mixture(np.asarray(weights, dtype=np.float64))
-
-
-def class_shares(sample_labels: np.ndarray, real_labels: np.ndarray, K: int) -> np.ndarray:
-    """The class mix of the samples: labelled ones by their label, unlabelled (-1) ones with the
-    real data's shares."""
-    natural = np.bincount(real_labels, minlength=K) / len(real_labels)
-    counts = np.bincount(sample_labels[sample_labels >= 0], minlength=K).astype(np.float64)
-    shares = counts + (sample_labels < 0).sum() * natural
-    return shares / shares.sum()
-
-
-def _floor_counts(shares: np.ndarray, n: int, real_counts: np.ndarray) -> np.ndarray:
-    """n images split by `shares` (largest remainder), each class capped at half its real images."""
-    exact = shares * n
-    counts = np.floor(exact).astype(np.int64)
-    for k in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
-        counts[k] += 1
-    return np.minimum(counts, real_counts // 2)
-
-
-def fd_floor(real_features: np.ndarray, real_labels: np.ndarray, shares: np.ndarray, n: int,
-             draws: int = FLOOR_DRAWS, seed: int = FLOOR_SEED, moments: ClassMoments | None = None) -> dict:
-    """The FD of n real images (the samples' class mix, at most half of any class) against a
-    reference of the other real images reweighted to that mix; mean and std over `draws`.
-    `moments`: ClassMoments of all the real images, if already computed."""
-    K = len(shares)
-    shares = np.asarray(shares, dtype=np.float64)
-    counts = _floor_counts(shares, n, np.bincount(real_labels, minlength=K))
-    whole = moments if moments is not None else ClassMoments.of(real_features, real_labels, K)
-    values = []
-    for r in range(draws):
-        rng = np.random.default_rng(seed + r)
-        part = np.concatenate([rng.choice(np.flatnonzero(real_labels == k), size=counts[k], replace=False)
-                               for k in range(K)])
-        a = fit_gaussian(real_features[part])
-        b = (whole - ClassMoments.of(real_features[part], real_labels[part], K)).mixture(shares)
-        values.append(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
-    return {"fd": float(np.mean(values)), "std": float(np.std(values)), "n": int(counts.sum()),
-            "reference_n": int(len(real_labels) - counts.sum()), "draws": draws}
 
 
 # --- the classifier -------------------------------------------------------------------------
@@ -227,7 +73,7 @@ def to_float_nchw(images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint8:
         if images.ndim != 4:
             raise EvalError(f"uint8 images must be (N, H, W, C), got shape {images.shape}")
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - 1.0
+        return to_float(images)
     if images.dtype.kind == "f":
         if images.ndim != 4:
             raise EvalError(f"float images must be (N, C, H, W) in [-1, 1], got shape {images.shape}")
@@ -246,15 +92,16 @@ class Classifier:
         path = Path(path)
         if not path.is_file():
             raise EvalError(f"classifier {path} not found" + (
-                "; train it with `python -m mdx.train.classifier`" if path == DEFAULT_CLASSIFIER else ""))
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+                "; train it with `python -m mdx.export.classifier`" if path == DEFAULT_CLASSIFIER else ""))
+        from mdx.runtime.session import ModelError, cpu_session
+
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
-        except _ORT_LOAD_ERRORS as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EvalError(f"cannot load classifier {path}: {first}") from None
+            self.session = cpu_session(path, threads)
+        except ModelError as e:
+            message = str(e).replace(f"cannot load {path}", f"cannot load classifier {path}", 1)
+            if not message.startswith("cannot load classifier"):
+                message = f"cannot load classifier {path}: {message}"
+            raise EvalError(message) from None
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != ["images"] or not {"logits", "features"} <= set(outputs):
@@ -380,37 +227,19 @@ def real_reference(classifier: Classifier, path: str | Path = DEFAULT_REAL) -> R
 
 def score(images: np.ndarray, labels: np.ndarray, classifier: Classifier, real: RealData) -> dict:
     """FD, floor and conditional accuracy of (N, H, W, 3) uint8 images with labels (-1: none)."""
-    K = len(classifier.class_names)
     features, logits = classifier.features_and_logits(images)
-    predicted = logits.argmax(axis=1)
-    shares = class_shares(labels, real.labels, K)
-    samples = fit_gaussian(features)
-    reference = real.moments.mixture(shares)
-    conditioned = labels >= 0
-    per_class = {name: float((predicted[labels == k] == k).mean()) for k, name in enumerate(classifier.class_names)
-                 if (labels == k).any()}
-    return {
-        "fd": frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma),
-        "floor": fd_floor(real.features, real.labels, shares, len(images), moments=real.moments),
-        "n": int(len(images)),
-        "reference_n": int(len(real.labels)),
-        "conditional_accuracy": float((predicted[conditioned] == labels[conditioned]).mean()) if conditioned.any() else None,
-        "conditioned_n": int(conditioned.sum()),
-        "per_class_accuracy": per_class,
-        "predicted_shares": {name: float((predicted == k).mean()) for k, name in enumerate(classifier.class_names)},
-        "class_shares": {name: float(s) for name, s in zip(classifier.class_names, shares)},
-        "classifier": str(classifier.path),
-        "classifier_holdout_accuracy": classifier.holdout_accuracy,
-        "classifier_split": classifier.split,
-        "real": str(real.path),
-    }
+    result = score_features(features, logits, labels, real.features, real.labels, classifier.class_names,
+                            real.moments)
+    return {**result, "classifier": str(classifier.path), "classifier_holdout_accuracy": classifier.holdout_accuracy,
+            "classifier_split": classifier.split, "real": str(real.path)}
 
 
-def open_model(model: str | Path, provider: str, threads: int | None, class_names: tuple[str, ...] | None):
+def open_model(model: str | Path, provider: str, threads: int | None, class_names: tuple[str, ...] | None,
+               compute_precision: str = "auto"):
     """The mdx ONNX model as an OnnxDenoiser; its classes must be the classifier's."""
     from mdx.runtime.session import OnnxDenoiser
 
-    denoiser = OnnxDenoiser.load(model, provider=provider, threads=threads)
+    denoiser = OnnxDenoiser.load(model, provider=provider, threads=threads, compute_precision=compute_precision)
     if class_names is not None and tuple(denoiser.info.class_names) != tuple(class_names):
         raise EvalError(f"{model} has classes {list(denoiser.info.class_names)}, but the classifier scores "
                         f"{list(class_names)}; mdx-eval scores emoji16 models")
@@ -439,7 +268,8 @@ def sample_with_model(model, *, sampler, steps, guidance, eta, seed, n, provider
     result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
                       eta=eta, seed=seed, sampler_options=resolved.sampler_options)
     settings = {"model": str(info.path), "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
-                "seed": seed, "provider": denoiser.provider, "sampling_seconds": round(result.total_seconds, 3)}
+                "seed": seed, "provider": denoiser.provider, "compute_precision": denoiser.compute_precision,
+                "sampling_seconds": round(result.total_seconds, 3)}
     return to_uint8(result.samples), labels, settings
 
 
@@ -463,7 +293,8 @@ def format_report(result: dict) -> str:
     s = result.get("sampling")
     if s:
         rows.append(("sampler", f"{s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, eta {s['eta']:g}, "
-                                f"seed {s['seed']}, {s['provider']}"))
+                                f"seed {s['seed']}, {s['provider']}"
+                                + (f" ({s['compute_precision']})" if s.get("compute_precision") else "")))
     else:
         rows.append(("samples", result["samples"]))
     wall = result["seconds"]
@@ -476,17 +307,30 @@ def format_report(result: dict) -> str:
 # --- the command ----------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    fail(PROG, message, code)
-
-
 def _user_errors() -> tuple[type[Exception], ...]:
     from mdx.runtime.pipeline import PipelineError
     from mdx.runtime.samplers import SamplerError
     from mdx.runtime.schedules import ScheduleError
     from mdx.runtime.session import ModelError
 
-    return (EvalError, ModelError, PipelineError, SamplerError, ScheduleError)
+    return (EvalError, ModelError, PipelineError, SamplerError, ScheduleError, WriteError)
+
+
+def check_options(ctx: click.Context, samples, model, n: int, threads: int | None, json_out) -> None:
+    """EvalError for option combinations and values no evaluation could use, before any work."""
+    if (samples is None) == (model is None):
+        raise EvalError("give either SAMPLES.npz or --model FILE" + (", not both" if samples else ""))
+    given = [f"--{name.replace('_', '-')}" if name != "n" else "-n" for name in
+             ("sampler", "steps", "guidance", "eta", "seed", "n", "provider", "compute_precision")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if samples is not None and given:
+        raise EvalError(f"{', '.join(given)}: sampling options apply to --model, not to a samples file")
+    if n < 2:
+        raise EvalError(f"-n {n}: need at least 2 images for an FD")
+    if threads is not None and threads < 1:
+        raise EvalError(f"--threads {threads}: need at least 1 thread")
+    if json_out is not None and not Path(json_out).resolve().parent.is_dir():
+        raise EvalError(f"--json {json_out}: the folder {Path(json_out).resolve().parent} does not exist")
 
 
 @click.command(cls=one_line_command(PROG, _user_errors), context_settings=CONTEXT_SETTINGS)
@@ -500,36 +344,27 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("-n", "--num-images", "n", type=int, default=900, show_default=True,
               help="Images to sample, cycling through the classes (n/K each).")
-@click.option("--provider", default="auto", show_default=True, help="onnxruntime provider for the model.")
+@click.option("--provider", default="auto", show_default=True,
+              help="Provider for the model: auto, cpu, cuda, openvino or an onnxruntime name.")
+@click.option("--compute-precision", type=click.Choice(COMPUTE_PRECISIONS), default="auto", show_default=True,
+              help="What OpenVINO computes in: auto = bf16 where the CPU has native bf16, else fp32.")
 @click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime.")
 @click.option("--classifier", metavar="FILE", default=None, help="Classifier ONNX [models/emoji16-classifier.onnx].")
 @click.option("--real", metavar="FILE.npz", default=None, help="Real images, labels, class_names [train/data/emoji16.npz].")
 @click.option("--json", "json_out", metavar="OUT", default=None, help="Also write the results as JSON.")
-def main(samples, model, sampler, steps, guidance, eta, seed, n, provider, threads, classifier, real, json_out):
+def main(samples, model, sampler, steps, guidance, eta, seed, n, provider, compute_precision, threads, classifier,
+         real, json_out):
     """Score samples: FD in the emoji16 classifier's feature space, its floor, conditional accuracy.
 
     Give SAMPLES.npz (from mdx-sample --out) or --model FILE (sampled here). No torch needed.
     """
-    if (samples is None) == (model is None):
-        raise EvalError("give either SAMPLES.npz or --model FILE" + (", not both" if samples else ""))
-    ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" if name != "n" else "-n" for name in
-             ("sampler", "steps", "guidance", "eta", "seed", "n", "provider")
-             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-    if samples is not None and given:
-        raise EvalError(f"{', '.join(given)}: sampling options apply to --model, not to a samples file")
-    if n < 2:
-        raise EvalError(f"-n {n}: need at least 2 images for an FD")
-    if threads is not None and threads < 1:
-        raise EvalError(f"--threads {threads}: need at least 1 thread")
-    if json_out is not None and not Path(json_out).resolve().parent.is_dir():
-        raise EvalError(f"--json {json_out}: the folder {Path(json_out).resolve().parent} does not exist")
+    check_options(click.get_current_context(), samples, model, n, threads, json_out)
     clf = Classifier(classifier or DEFAULT_CLASSIFIER, threads=threads)
     # Bad samples files and models fail before the real features are computed.
     if samples is not None:
         images, labels = load_samples(samples, clf.class_names, clf.image_size)
     else:
-        denoiser = open_model(model, provider, threads, clf.class_names)
+        denoiser = open_model(model, provider, threads, clf.class_names, compute_precision)
     reference = real_reference(clf, real or DEFAULT_REAL)
 
     seconds = {}
@@ -547,10 +382,7 @@ def main(samples, model, sampler, steps, guidance, eta, seed, n, provider, threa
         result["samples"] = str(samples)
     click.echo(format_report(result))
     if json_out is not None:
-        try:
-            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            raise EvalError(f"cannot write {json_out}: {e.strerror}") from None
+        write_text(json_out, json.dumps(result, indent=2) + "\n")  # atomic; WriteError names the path
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mdx.runtime.contract import recommended_sampler_options
 from mdx.runtime.samplers import make_sampler
 
 
@@ -111,16 +112,28 @@ def prepare_sampler(info, sampler: str, steps: int, eta: float = 0.0, options: d
     return scheduler
 
 
-def recommended_sampler_options(info, sampler: str) -> dict:
-    """The options the model recommends for `sampler` (`mdx.recommended`'s sampler_options), or {}.
+def _check_request(info, context, n: int | None, guidance: float, seed) -> tuple[np.ndarray, int]:
+    """The context as float32 (n, K) and n; PipelineError for a bad shape, guidance or seed."""
+    context = np.asarray(context, dtype=np.float32)
+    if context.ndim != 2 or context.shape[1] != info.num_classes or context.shape[0] < 1:
+        raise PipelineError(f"context must have shape (n, {info.num_classes}), got {context.shape}")
+    if n is None:
+        n = context.shape[0]
+    if n != context.shape[0]:
+        raise PipelineError(f"n={n} but the context has {context.shape[0]} rows")
+    if not np.isfinite(guidance) or guidance < 0:
+        raise PipelineError(f"guidance must be a number >= 0, got {guidance}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise PipelineError(f"seed must be an integer >= 0, got {seed!r}")
+    return context, n
 
-    A cosine-schedule model, for instance, recommends DPM-Solver++ with lambda_min_clipped (its
-    last abar_t are ~1e-8, where the data prediction amplifies any error in eps ~1e4-fold) and
-    DDIM without clip_sample (clipping x_0 at high noise distorts its samples).
-    """
-    per_sampler = (info.recommended or {}).get("sampler_options")
-    options = per_sampler.get(sampler) if isinstance(per_sampler, dict) else None
-    return dict(options) if isinstance(options, dict) else {}
+
+def _guide(out: np.ndarray, n: int, guidance: float, eps: np.ndarray) -> np.ndarray:
+    """eps = eps_u + s (eps_c - eps_u), in place in `eps`, from the [cond; uncond] output (2n, ...)."""
+    np.subtract(out[:n], out[n:], out=eps)
+    eps *= np.float32(guidance)
+    eps += out[n:]
+    return eps
 
 
 def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None = None,
@@ -138,18 +151,7 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
     else the sampler's diffusers defaults.
     """
     info = denoiser.info
-    context = np.asarray(context, dtype=np.float32)
-    if context.ndim != 2 or context.shape[1] != info.num_classes or context.shape[0] < 1:
-        raise PipelineError(f"context must have shape (n, {info.num_classes}), got {context.shape}")
-    if n is None:
-        n = context.shape[0]
-    if n != context.shape[0]:
-        raise PipelineError(f"n={n} but the context has {context.shape[0]} rows")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise PipelineError(f"guidance must be a number >= 0, got {guidance}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise PipelineError(f"seed must be an integer >= 0, got {seed!r}")
-
+    context, n = _check_request(info, context, n, guidance, seed)
     if sampler_options is None:
         sampler_options = recommended_sampler_options(info, sampler)
     schedule_sampler = prepare_sampler(info, sampler, steps, eta, sampler_options)
@@ -176,14 +178,7 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
         tick = time.perf_counter()
         out = bound.run()  # (B, C, H, W), overwritten by the next run
         model_seconds += time.perf_counter() - tick
-        if guided:
-            # eps = eps_u + s (eps_c - eps_u), in place
-            np.subtract(out[:n], out[n:], out=eps)
-            eps *= np.float32(guidance)
-            eps += out[n:]
-            model_output = eps
-        else:
-            model_output = out
+        model_output = _guide(out, n, guidance, eps) if guided else out
         z = None
         if schedule_sampler.needs_noise(t):
             z = rng.standard_normal(shape, dtype=np.float32, out=noise)

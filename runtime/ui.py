@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import math
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 import mdx.runtime
+from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 from mdx.runtime.contract import FALLBACK, ModelInfo, max_steps, read_metadata, resolve_settings
 from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
 from mdx.runtime.pipeline import PipelineError, build_context, generate
@@ -91,9 +91,12 @@ def list_models(models_dir: Path) -> list[str]:
 
 
 def provider_choices() -> list[str]:
-    """"auto" and what onnxruntime lists (a listed provider may still fail to start: the
-    handler reports that, and the timings name the provider that really ran)."""
-    return ["auto", *ort.get_available_providers()]
+    """"auto", what onnxruntime lists, and OpenVINO where its plugin is installed (a listed
+    provider may still fail to start: the handler reports that, and the timings name the
+    provider that really ran and what it computed in)."""
+    from mdx.runtime.providers import OPENVINO, openvino_installed
+
+    return ["auto", *ort.get_available_providers(), *([OPENVINO] if openvino_installed() else [])]
 
 
 # --- loaded models, reused across requests --------------------------------------------
@@ -284,7 +287,7 @@ class Studio:
             context, labels = build_context(info.class_names, list(classes), False, n)
             result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
                               eta=eta if sampler == "ddim" else 0.0, seed=seed, record_x0=True, progress=progress)
-            running, notes = denoiser.provider, list(denoiser.notes)
+            running, notes = f"{denoiser.provider} ({denoiser.compute_precision})", list(denoiser.notes)
 
         columns = grid_columns(n, None if classes else info.num_classes)
         scale = max(1, GRID_PIXELS // info.image_size)
@@ -302,37 +305,23 @@ class Studio:
 # --- the page -------------------------------------------------------------------------
 
 
-def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2, max_queue: int = 32,
-              studio: Studio | None = None):
-    """The gradio Blocks app, queued with `concurrency` requests at a time; launch it with
-    `app.launch(server_name=..., server_port=...)`.
-
-    API (gradio_client): `/generate` (model file name, list of class names, sampler, steps,
-    guidance, eta, seed, batch size, provider) -> (grid PNG, animation GIF, timings text), and
-    `/pick_model` (model, provider) -> the page's updates for that model. `/generate` takes the
-    model, its classes and the steps as plain values, since their allowed values depend on the
-    model: the handler checks them; the other values go through the page's bounded components.
-    """
-    import gradio as gr
-
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise UiError(f"concurrency must be a positive integer, got {concurrency!r}")
-    studio = studio or Studio(models_dir, max_batch=max_batch)
+def _initial_view(studio: Studio) -> tuple[str | None, ModelView | None, str | None]:
+    """The page's initial state: the first model that loads and its view, or why none does."""
     models = studio.models()
-
-    # The page's initial state: the first model that loads, its classes and recommended settings.
-    first, view, problem = (models[0] if models else None), None, None
+    first, problem = (models[0] if models else None), None
     if not models:
         problem = f"⚠️ No models in `{studio.models_dir}`: export one there with `mdx-export` (see the README)."
     for name in models:
         try:
-            first, view = name, studio.view(name)
-            break
+            return name, studio.view(name), None
         except (UiError, *USER_ERRORS) as e:
             problem = problem or f"⚠️ {e}"
-    settings = view.settings if view else dict(FALLBACK)
-    T = view.info.schedule.num_train_timesteps if view else 1000
-    class_names = list(view.info.class_names) if view else []
+    return first, None, problem
+
+
+def _handlers(gr, studio: Studio) -> dict[str, Callable]:
+    """The page's event handlers. A user error becomes a warning or a gr.Error in the page (the
+    server keeps serving); anything else is a bug and propagates."""
 
     def pick_model(name, provider):
         """New classes, defaults and bounds for the picked model; an unusable model shows why."""
@@ -353,7 +342,7 @@ def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2,
         try:
             t = studio.view(name, provider).info.schedule.num_train_timesteps
         except (UiError, *USER_ERRORS):
-            return gr.update(), eta
+            return gr.update(), eta  # the model itself is unusable: pick_model has said why
         top = max_steps(sampler, t)
         return gr.update(maximum=top, value=min(steps, top)), eta
 
@@ -373,49 +362,97 @@ def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2,
             raise gr.Error(str(e), print_exception=False) from e
         return r.grid, str(r.animation), r.timings
 
+    return {"pick_model": pick_model, "pick_sampler": pick_sampler, "rescan": rescan, "run": run}
+
+
+def _controls(gr, studio: Studio, first: str | None, view: ModelView | None, problem: str | None) -> dict:
+    """The left column: the model picker and card, the classes and the sampling controls."""
+    settings = view.settings if view else dict(FALLBACK)
+    T = view.info.schedule.num_train_timesteps if view else 1000
+    class_names = list(view.info.class_names) if view else []
+    c = {}
+    c["model"] = gr.Dropdown(studio.models(), value=first, label="Model", elem_id="model")
+    c["card"] = gr.Markdown(describe(view) if view else problem, elem_id="model-card")
+    c["classes"] = gr.CheckboxGroup(class_names, value=[], label="Classes", elem_id="classes",
+                                    info="Tick one, or several to mix them; none cycles through all.")
+    c["sampler"] = gr.Radio(list(SAMPLERS), value=settings["sampler"], label="Sampler", elem_id="sampler")
+    c["steps"] = gr.Slider(1, max_steps(settings["sampler"], T), value=settings["steps"], step=1,
+                           label="Steps", elem_id="steps")
+    c["guidance"] = gr.Slider(0.0, MAX_GUIDANCE, value=settings["guidance"], step=0.1, label="Guidance",
+                              info="1 = the conditional model alone; 0 = unconditional", elem_id="guidance")
+    c["eta"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise)",
+                         interactive=settings["sampler"] == "ddim", elem_id="eta")
+    with gr.Row():
+        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+        c["batch"] = gr.Slider(1, studio.max_batch, value=min(2 * max(len(class_names), 1), studio.max_batch),
+                               step=1, label="Batch size", elem_id="batch")
+    c["provider"] = gr.Dropdown(provider_choices(), value="auto", label="Provider", elem_id="provider")
+    c["button"] = gr.Button("Generate", variant="primary", elem_id="generate")
+    return c
+
+
+def _outputs(gr) -> dict:
+    """The right column: the grid, the animation and the timings."""
+    return {
+        "grid": gr.Image(label="Samples", type="numpy", format="png", interactive=False,
+                         buttons=["download", "fullscreen"], elem_id="grid"),
+        "animation": gr.Image(label="Denoising (predicted x0 at each step)", type="filepath",
+                              interactive=False, buttons=["download", "fullscreen"], elem_id="animation"),
+        "timings": gr.Textbox(label="Timings", lines=4, interactive=False, elem_id="timings"),
+    }
+
+
+def _api_inputs(gr) -> dict:
+    """The API's model-dependent inputs as plain values (see build_app), in a hidden column."""
+    with gr.Column(visible=False):
+        return {"model": gr.Textbox(label="model"),
+                "classes": gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="classes"),
+                "steps": gr.Number(label="steps", precision=0, minimum=1),
+                "button": gr.Button("generate")}
+
+
+def _wire(app, h: dict, c: dict, out: dict, api: dict) -> None:
+    """Connect the components to the handlers; `/generate` and `/pick_model` form the API."""
+    page_out = [out["grid"], out["animation"], out["timings"]]
+    c["model"].change(h["pick_model"], [c["model"], c["provider"]],
+                      [c["classes"], c["card"], c["sampler"], c["steps"], c["guidance"], c["eta"]],
+                      api_name="pick_model", api_visibility="undocumented")
+    c["sampler"].input(h["pick_sampler"], [c["sampler"], c["steps"], c["model"], c["provider"]],
+                       [c["steps"], c["eta"]], api_visibility="private")
+    app.load(h["rescan"], [c["model"]], [c["model"]], api_visibility="private")
+    shared = [c["guidance"], c["eta"], c["seed"], c["batch"], c["provider"]]
+    c["button"].click(h["run"], [c["model"], c["classes"], c["sampler"], c["steps"], *shared], page_out,
+                      api_visibility="private")
+    api["button"].click(h["run"], [api["model"], api["classes"], c["sampler"], api["steps"], *shared], page_out,
+                        api_name="generate")
+
+
+def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2, max_queue: int = 32,
+              studio: Studio | None = None):
+    """The gradio Blocks app, queued with `concurrency` requests at a time; launch it with
+    `app.launch(server_name=..., server_port=...)`.
+
+    API (gradio_client): `/generate` (model file name, list of class names, sampler, steps,
+    guidance, eta, seed, batch size, provider) -> (grid PNG, animation GIF, timings text), and
+    `/pick_model` (model, provider) -> the page's updates for that model. `/generate` takes the
+    model, its classes and the steps as plain values, since their allowed values depend on the
+    model: the handler checks them; the other values go through the page's bounded components.
+    """
+    import gradio as gr
+
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise UiError(f"concurrency must be a positive integer, got {concurrency!r}")
+    studio = studio or Studio(models_dir, max_batch=max_batch)
+    first, view, problem = _initial_view(studio)
     with gr.Blocks(title="Microdiffusion", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown("# Microdiffusion\nSample a class-conditional diffusion model with ONNX Runtime.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
-                card = gr.Markdown(describe(view) if view else problem, elem_id="model-card")
-                classes = gr.CheckboxGroup(class_names, value=[], label="Classes", elem_id="classes",
-                                           info="Tick one, or several to mix them; none cycles through all.")
-                sampler = gr.Radio(list(SAMPLERS), value=settings["sampler"], label="Sampler", elem_id="sampler")
-                steps = gr.Slider(1, max_steps(settings["sampler"], T), value=settings["steps"], step=1,
-                                  label="Steps", elem_id="steps")
-                guidance = gr.Slider(0.0, MAX_GUIDANCE, value=settings["guidance"], step=0.1, label="Guidance",
-                                     info="1 = the conditional model alone; 0 = unconditional", elem_id="guidance")
-                eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise)",
-                                interactive=settings["sampler"] == "ddim", elem_id="eta")
-                with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-                    batch = gr.Slider(1, studio.max_batch, value=min(2 * max(len(class_names), 1), studio.max_batch),
-                                      step=1, label="Batch size", elem_id="batch")
-                provider = gr.Dropdown(provider_choices(), value="auto", label="Provider", elem_id="provider")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                controls = _controls(gr, studio, first, view, problem)
             with gr.Column(scale=2):
-                grid = gr.Image(label="Samples", type="numpy", format="png", interactive=False,
-                                buttons=["download", "fullscreen"], elem_id="grid")
-                animation = gr.Image(label="Denoising (predicted x0 at each step)", type="filepath",
-                                     interactive=False, buttons=["download", "fullscreen"], elem_id="animation")
-                timings = gr.Textbox(label="Timings", lines=4, interactive=False, elem_id="timings")
-        # The API's model-dependent inputs, as plain values (see the docstring).
-        with gr.Column(visible=False):
-            api_model = gr.Textbox(label="model")
-            api_classes = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="classes")
-            api_steps = gr.Number(label="steps", precision=0, minimum=1)
-            api_button = gr.Button("generate")
-
-        model.change(pick_model, [model, provider], [classes, card, sampler, steps, guidance, eta],
-                     api_name="pick_model", api_visibility="undocumented")
-        sampler.input(pick_sampler, [sampler, steps, model, provider], [steps, eta], api_visibility="private")
-        app.load(rescan, [model], [model], api_visibility="private")
-        button.click(run, [model, classes, sampler, steps, guidance, eta, seed, batch, provider],
-                     [grid, animation, timings], api_visibility="private")
-        api_button.click(run, [api_model, api_classes, sampler, api_steps, guidance, eta, seed, batch, provider],
-                         [grid, animation, timings], api_name="generate")
-
+                outputs = _outputs(gr)
+        api = _api_inputs(gr)
+        _wire(app, _handlers(gr, studio), controls, outputs, api)
     app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return app
 
@@ -423,12 +460,7 @@ def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2,
 # --- the command ----------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2):
-    click.echo(f"{PROG}: error: {' '.join(message.split())}", err=True)
-    sys.exit(code)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=one_line_command(PROG, (UiError, *USER_ERRORS)), context_settings=CONTEXT_SETTINGS)
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of .onnx models (default: ./models if it exists, else the repository's models/).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -444,16 +476,16 @@ def main(models_dir: Path | None, host: str, port: int, share: bool, max_batch: 
     try:
         import gradio  # noqa: F401
     except ImportError:
-        _fail(f"gradio is not installed; {INSTALL_HINT}")
+        raise UiError(f"gradio is not installed; {INSTALL_HINT}") from None
     models_dir = models_dir if models_dir is not None else default_models_dir()
     if not models_dir.is_dir():
-        _fail(f"models folder {models_dir} does not exist; pass --models-dir DIR")
+        raise UiError(f"models folder {models_dir} does not exist; pass --models-dir DIR")
+    app = build_app(models_dir, max_batch=max_batch, concurrency=concurrency)
     try:
-        app = build_app(models_dir, max_batch=max_batch, concurrency=concurrency)
         _, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, quiet=True,
                                              prevent_thread_lock=True)
     except OSError as e:  # the port is taken, the address cannot be bound
-        _fail(f"cannot serve on {host}:{port}: {e}")
+        raise UiError(f"cannot serve on {host}:{port}: {e}") from None
     names = list_models(models_dir)
     click.echo(f"{PROG}: {len(names)} model(s) in {models_dir}; serving on {local_url}"
                + (f" and publicly on {share_url}" if share_url else "") + " (Ctrl+C stops)", err=True)

@@ -108,7 +108,7 @@ def test_class_mixture_with_the_data_shares_is_the_plain_covariance_and_reweight
 @pytest.fixture(scope="module")
 def classifier():
     if not ev.DEFAULT_CLASSIFIER.is_file():
-        pytest.fail(f"{ev.DEFAULT_CLASSIFIER} is not shipped; train it with python -m mdx.train.classifier")
+        pytest.fail(f"{ev.DEFAULT_CLASSIFIER} is not shipped; train it with python -m mdx.export.classifier")
     return ev.Classifier(threads=1)
 
 

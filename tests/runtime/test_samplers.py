@@ -54,7 +54,6 @@ DIFFUSERS_CLASS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMSchedu
 # diffusers' DPM-Solver set_timesteps calls np.array on a torch tensor, which numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 RANDN_HOME = {"ddpm": ddpm_module, "ddim": ddim_module, "dpmpp": dpm_module}
-WORST: dict[str, float] = {}  # worst figures seen, printed with -s
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -157,9 +156,6 @@ def drive(name, kind, n, refs=("float64",), num_train_timesteps=T, seed=0, **opt
                 worst[k] = max(worst[k], float(np.abs(xs[k].numpy().astype(np.float64) - x).max()))
                 if k != "float64" and "float64" in xs:
                     gap[k] = max(gap[k], float((xs[k].double() - xs["float64"]).abs().max()))
-    for k in refs:
-        key = f"{name}/{k}"
-        WORST[key] = max(WORST.get(key, 0.0), worst[k])
     print(f"{name} {kind} n={n} {options}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     return worst, gap
 
@@ -234,11 +230,13 @@ def test_diffusers_default_T_and_tiny_T(name):
         check(*drive(name, "quadratic", n, refs=("float64", "betas"), num_train_timesteps=10))
 
 
-def test_report_worst_parity(capsys):
-    """Print the worst figures gathered so far (run with -s to see them)."""
-    with capsys.disabled():
-        for k in sorted(WORST):
-            print(f"worst |mdx - diffusers[{k}]| = {WORST[k]:.2e}")
+def test_the_largest_known_gap_to_stock_diffusers():
+    """DPM-Solver++ on the cosine schedule in one step is where stock diffusers (float32 tables)
+    strays furthest from mdx (2.3e-3): within STOCK_ATOL, while the float64 reference stays within
+    ATOL, so the gap is diffusers' float32 tables and not the algorithm."""
+    worst, _ = drive("dpmpp", "cosine", 1, refs=("float64", "betas", "kind"))
+    assert worst["float64"] <= ATOL
+    assert ATOL < max(worst["betas"], worst["kind"]) <= STOCK_ATOL, worst
 
 
 # --- timesteps -----------------------------------------------------------------------

@@ -32,8 +32,14 @@ def ulps(ours64: np.ndarray, theirs32: np.ndarray) -> np.ndarray:
     return np.abs(ours64.astype(np.float32) - theirs32) / np.spacing(np.abs(theirs32))
 
 
-def test_schedule_names():
-    assert SCHEDULES == ("linear", "quadratic", "sigmoid", "cosine")
+def test_every_schedule_name_builds_and_has_a_diffusers_counterpart():
+    assert set(SCHEDULES) == set(DIFFUSERS_KIND)  # so the parity tests below cover every schedule offered
+    for kind in SCHEDULES:
+        schedule = make_schedule(kind, 10)
+        assert schedule.kind == kind and schedule.betas.shape == (10,)
+        assert Schedule.from_dict(schedule.to_dict()) == schedule
+    with pytest.raises(ScheduleError, match="linear"):  # the message lists the names allowed
+        make_schedule("exponential", 10)
 
 
 @pytest.mark.parametrize("kind", SCHEDULES)
