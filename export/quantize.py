@@ -97,6 +97,7 @@ def make_calibration_set(data_spec: str, schedule, class_names: list[str], chann
     noise range is represented. A `cond_drop` fraction of contexts is all zero, like the
     classifier-free-guidance dropout of training.
     """
+    from mdx.runtime.images import to_float
     from mdx.train.data import DataError, load_data
 
     try:
@@ -109,7 +110,7 @@ def make_calibration_set(data_spec: str, schedule, class_names: list[str], chann
     rng = np.random.default_rng(seed)
     N, T, K = len(data.labels), schedule.num_train_timesteps, len(class_names)
     idx = rng.permutation(N)[:n] if N >= n else np.concatenate([np.arange(N), rng.integers(0, N, n - N)])
-    x0 = data.images[idx].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0  # (n, C, H, W) in [-1, 1]
+    x0 = to_float(data.images[idx])  # (n, C, H, W) in [-1, 1]
     t = np.floor((np.arange(n) + rng.random(n)) * T / n).astype(np.int64).clip(0, T - 1)
     t = rng.permutation(t)
     eps = rng.standard_normal(x0.shape, dtype=np.float32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mdx.runtime.fileio import atomic_write
 
 PACKAGE_VERSION = "16.0.0"
 VENDORS = ("twitter", "google")
@@ -140,17 +141,10 @@ def build(tarballs: dict[str, Path]) -> dict[str, np.ndarray]:
 
 
 def save_atomic(arrays: dict[str, np.ndarray], out: Path) -> None:
-    """Write a compressed npz via a temporary file and a rename, so readers never see half a file."""
+    """Write a compressed npz atomically (fileio.atomic_write), so readers never see half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is for everyone
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out, suffix=".tmp.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def npm_pack(vendor: str, dest: Path) -> Path:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mdx.runtime.images import to_float
 from mdx.train.data import load_data, split_indices
 
 
@@ -88,7 +89,7 @@ class EmojiClassifier(nn.Module):
 
 def to_model_input(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], as the diffusion models see them."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    return torch.from_numpy(to_float(images))
 
 
 def augment(x: torch.Tensor, max_shift: int, g: torch.Generator, cutout: int = 0) -> torch.Tensor:
