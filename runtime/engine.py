@@ -318,7 +318,7 @@ class Engine:
         self._closing = False
         self._stats = EngineStats(rows_per_call=dict.fromkeys(self.buckets, 0), rows_buckets=self.buckets)
         self._recent_latency = collections.deque(maxlen=32)
-        self._thread = threading.Thread(target=self._loop, name=f"mdx-engine-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"mdx-engine-{self.name}", daemon=True)
         self._thread.start()
 
     # -- the caller's side --
@@ -421,6 +421,17 @@ class Engine:
         return f"Engine({self.name!r}, max_rows={self.config.max_rows}, provider={self.denoiser.provider})"
 
     # -- the engine thread --
+
+    def _run(self) -> None:
+        """The loop; should it ever fail outside a model call, no request is left waiting."""
+        try:
+            self._loop()
+        except BaseException as e:
+            with self._cv:
+                self._closing = True
+                for ticket, _ in [*self._queue, *self._active]:
+                    _settle(ticket.future, error=EngineClosed(f"engine {self.name} stopped: {e!r}"))
+            raise
 
     def _loop(self) -> None:
         while True:

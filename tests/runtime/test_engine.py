@@ -341,3 +341,24 @@ def test_max_queue_zero_takes_only_what_fits_at_once():
             engine.submit(fake_request(n=1, steps=1))
         gate.set()
         first.result(10), second.result(10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the re-raised bug
+def test_an_engine_thread_that_fails_leaves_no_request_waiting(monkeypatch):
+    gate = threading.Event()
+    engine = Engine(FakeDenoiser(gate=gate), EngineConfig(max_rows=1))
+    running = engine.submit(fake_request(n=1, steps=2))
+    waiting = engine.submit(fake_request(n=1, steps=2))
+    wait_until(lambda: engine.stats().active_requests == 1)
+
+    def broken(now):
+        raise RuntimeError("a bug in the scheduler")
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    gate.set()
+    engine._thread.join(10)
+    for t in (running, waiting):
+        with pytest.raises(EngineClosed, match="a bug in the scheduler"):
+            t.result(1)
+    with pytest.raises(EngineClosed):
+        engine.submit(fake_request())
