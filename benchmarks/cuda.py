@@ -20,7 +20,6 @@ FLOPs and peak share use the GPU's own fp32 matmul peak (torch, TF32 off), measu
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ from mdx.bench.memory import _inputs
 from mdx.bench.records import make_record
 from mdx.bench.roofline import achieved_gflops, matmul_flops, peak_share
 from mdx.bench.timing import InterleavedTimer, calibrate_number
+from mdx.runtime.telemetry import FIELDS, GpuTelemetry, start_telemetry
 
 CUDA_EP = "CUDAExecutionProvider"
 PRECISIONS = ("fp32", "fp16")
@@ -65,86 +65,59 @@ def ort_cuda_reason(model_path) -> str | None:
     return None
 
 
-# --- NVML sampling -----------------------------------------------------------------------
+# --- NVML sampling (mdx.runtime.telemetry's recorder) ------------------------------------
 
 
-class NvmlSampler:
-    """Samples GPU utilisation, power and this process's device memory in a background thread."""
+class ProcessGpuTelemetry(GpuTelemetry):
+    """The runtime's NVML readings plus this process's device memory (MiB; None when NVML cannot say)."""
 
-    def __init__(self, index: int = 0, period_s: float = 0.02) -> None:
-        import pynvml
+    fields = FIELDS + ("process_mem_mib",)
 
-        self.nvml = pynvml
-        pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.period_s = period_s
-        self.samples: list[tuple[float, float | None, float | None, float | None]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _process_mem_mb(self) -> float | None:
+    def _process_mem_mib(self) -> float | None:
         try:
-            for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+            for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if p.pid == os.getpid() and p.usedGpuMemory is not None:
                     return p.usedGpuMemory / 2**20
-        except self.nvml.NVMLError:
+        except self._nvml.NVMLError:
             return None
         return None
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                util = float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
-            except self.nvml.NVMLError:
-                util = None
-            try:
-                power = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0  # mW -> W
-            except self.nvml.NVMLError:
-                power = None
-            self.samples.append((time.perf_counter(), util, power, self._process_mem_mb()))
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> "NvmlSampler":
-        self.samples.clear()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def summary(self) -> dict:
-        def stat(i):
-            vals = [s[i] for s in self.samples if s[i] is not None]
-            return (float(np.mean(vals)), float(np.max(vals))) if vals else (None, None)
-        util, power, mem = stat(1), stat(2), stat(3)
-        return {"nvml_samples": len(self.samples), "gpu_util_mean": util[0], "gpu_util_max": util[1],
-                "power_w_mean": power[0], "power_w_max": power[1], "nvml_process_mem_mb_max": mem[1]}
-
-    def close(self) -> None:
-        try:
-            self.nvml.nvmlShutdown()
-        except self.nvml.NVMLError:
-            pass
+    def _read(self) -> tuple:
+        return super()._read() + (self._process_mem_mib(),)
 
 
-def burst(fn, sync, seconds: float, sampler: NvmlSampler | None) -> dict:
-    """Run fn back to back for ~seconds under the NVML sampler; its summary."""
-    if sampler is None:
+def nvml_summary(rows: list[tuple]) -> dict:
+    """Mean and max utilisation and power, and the process's peak device memory, of ProcessGpuTelemetry rows."""
+    def stat(i):
+        vals = [r[i] for r in rows if r[i] is not None and r[i] == r[i]]  # no reading, or NaN: left out
+        return (float(np.mean(vals)), float(np.max(vals))) if vals else (None, None)
+    util, power, mem = stat(1), stat(5), stat(6)
+    return {"nvml_samples": len(rows), "gpu_util_mean": util[0], "gpu_util_max": util[1],
+            "power_w_mean": power[0], "power_w_max": power[1], "nvml_process_mem_mb_max": mem[1]}
+
+
+def nvml_available(log=print) -> bool:
+    """Whether NVML readings can be taken (said aloud when not: the timings stay valid)."""
+    recorder, why_not = start_telemetry(None, 0, 1.0, recorder=ProcessGpuTelemetry)
+    if recorder is None:
+        log(f"  {why_not}; no utilisation or power figures")
+        return False
+    recorder.stop()
+    return True
+
+
+def burst(fn, sync, seconds: float, nvml: bool) -> dict:
+    """Run fn back to back for ~seconds, under NVML readings every 20 ms when `nvml`; their summary."""
+    recorder = start_telemetry(None, 0, 0.02, recorder=ProcessGpuTelemetry)[0] if nvml else None
+    try:
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             fn()
         sync()
-        return {}
-    with sampler:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            fn()
-        sync()
-    return sampler.summary()
+    finally:
+        if recorder is not None:
+            recorder.stop()
+    return nvml_summary(recorder.rows) if recorder is not None else {}
 
 
 # --- backends ----------------------------------------------------------------------------
@@ -285,7 +258,7 @@ def _forward_extra(backend: str, variant: str, network: str, nv: dict, stats, ba
     return extra
 
 
-def _time_cuda_batch(net, fns: dict, precision: str, batch: int, *, sampler, peak: dict,
+def _time_cuda_batch(net, fns: dict, precision: str, batch: int, *, nvml: bool, peak: dict,
                      flops_per_image: float | None, repeats: int, target_s: float, burst_s: float, log) -> list[dict]:
     """Time the variants interleaved, then a burst of each under NVML; their records."""
     import torch
@@ -298,20 +271,12 @@ def _time_cuda_batch(net, fns: dict, precision: str, batch: int, *, sampler, pea
     for key, fn in fns.items():
         backend, provider, variant = plan[key]
         torch.cuda.reset_peak_memory_stats()
-        nv = burst(fn, sync, burst_s, sampler)
+        nv = burst(fn, sync, burst_s, nvml)
         extra = _forward_extra(backend, variant, net.name, nv, stats[key], batch, flops_per_image, peak)
         records.append(make_record("forward", backend, provider, precision, batch, stats=stats[key], **extra))
     log(f"  CUDA forward {precision} batch {batch}: "
         + ", ".join(f"{k} {s.median_s * 1e3:.3f} ms" for k, s in stats.items()))
     return records
-
-
-def _nvml_sampler(log) -> NvmlSampler | None:
-    try:
-        return NvmlSampler()
-    except Exception as e:  # noqa: BLE001 -- NVML missing: timings still valid, no power figures
-        log(f"  NVML unavailable ({type(e).__name__}); no utilisation or power figures")
-        return None
 
 
 def run_cuda_forward(net, *, flops_per_image: float | None, batches=(1, 8, 32, 128), repeats: int = 5,
@@ -325,7 +290,7 @@ def run_cuda_forward(net, *, flops_per_image: float | None, batches=(1, 8, 32, 1
 
     peak = gpu_matmul_peak()
     ort_reason = {p: (ort_cuda_reason(net.onnx[p]) if p in net.onnx else f"no {p} export") for p in PRECISIONS}
-    sampler = _nvml_sampler(log)
+    nvml = nvml_available(log)
     plan = {key: (backend, provider, variant) for key, backend, provider, variant in CUDA_PLAN}
     records = []
     for precision in PRECISIONS:
@@ -338,14 +303,12 @@ def run_cuda_forward(net, *, flops_per_image: float | None, batches=(1, 8, 32, 1
                 records.append(make_record("forward", backend, provider, precision, batch, skipped=why,
                                            variant=variant, network=net.name))
             if fns:
-                records += _time_cuda_batch(net, fns, precision, batch, sampler=sampler, peak=peak,
+                records += _time_cuda_batch(net, fns, precision, batch, nvml=nvml, peak=peak,
                                             flops_per_image=flops_per_image, repeats=repeats, target_s=target_s,
                                             burst_s=burst_s, log=log)
             fns = None  # free the CUDA graphs and sessions before the next batch
     if net.torch_model is not None:
         net.torch_model.to("cpu", dtype=torch.float32)
-    if sampler is not None:
-        sampler.close()
     return records, peak
 
 

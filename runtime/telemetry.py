@@ -24,12 +24,13 @@ FIELDS = ("time_s", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "mem_total_m
 
 class Recorder:
     """Polls `_read()` every `interval` seconds on a daemon thread into `rows`; `stop()` writes
-    them, under the header `fields`, as a CSV (atomically). Subclasses say what one reading is."""
+    them, under the header `fields`, as a CSV (atomically) unless `path` is None (the caller reads
+    `rows`, as mdx-bench's bursts do). Subclasses say what one reading is."""
 
     fields: tuple[str, ...] = ()
 
-    def __init__(self, path: Path, interval: float = 0.1) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None, interval: float = 0.1) -> None:
+        self.path = Path(path) if path is not None else None
         self._interval = interval
         self.rows: list[tuple] = []
         self._stop = threading.Event()
@@ -54,12 +55,14 @@ class Recorder:
             self.rows.append(self._read())
             self._stop.wait(self._interval)
 
-    def stop(self) -> Path:
+    def stop(self) -> Path | None:
         """Stop polling (one last reading) and write the CSV; returns its path (WriteError if it cannot)."""
         self._stop.set()
         self._thread.join()
         self.rows.append(self._read())
         self._close()
+        if self.path is None:
+            return None
         with atomic_write(self.path, suffix=".csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
@@ -73,7 +76,7 @@ class GpuTelemetry(Recorder):
 
     fields = FIELDS
 
-    def __init__(self, nvml, path: Path, device_index: int = 0, interval: float = 0.1) -> None:
+    def __init__(self, nvml, path: Path | None, device_index: int = 0, interval: float = 0.1) -> None:
         super().__init__(path, interval)
         self._nvml = nvml
         self._handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
@@ -110,7 +113,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def start_telemetry(path: str | os.PathLike, device_index: int = 0, interval: float = 0.1,
+def start_telemetry(path: str | os.PathLike | None, device_index: int = 0, interval: float = 0.1,
                     recorder: type[GpuTelemetry] = GpuTelemetry) -> tuple[GpuTelemetry | None, str]:
     """Start recording; returns (recorder, "") or (None, why telemetry is not available).
 
@@ -130,7 +133,7 @@ def start_telemetry(path: str | os.PathLike, device_index: int = 0, interval: fl
         if device_index >= count:
             pynvml.nvmlShutdown()
             return None, f"telemetry off: no GPU {device_index} (NVML sees {count})"
-        return recorder(pynvml, Path(path), device_index, interval), ""
+        return recorder(pynvml, Path(path) if path is not None else None, device_index, interval), ""
     except pynvml.NVMLError as e:
         pynvml.nvmlShutdown()
         return None, f"telemetry off: NVML failed ({_text(e)})"

@@ -423,3 +423,68 @@ def test_report_writers_fail_cleanly(name, tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=f"cannot write {tmp_path / name}: No space left on device"):
         report.write_report(_fake_results(), tmp_path)
     assert not (tmp_path / name).exists() and not list(tmp_path.glob(".*"))
+
+
+# --- NVML readings (one recorder: mdx.runtime.telemetry's), with a fake NVML ---------------------------
+
+
+class FakeNvml:
+    """Just enough of pynvml for the recorder: one GPU at 40% then 60%, 250 W, this process at 512 MiB."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.util, self.inits, self.shutdowns = iter([40, 60] * 1000), 0, 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return b"Fake GPU"
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("U", (), {"gpu": next(self.util), "memory": 10})()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"used": 2**30, "total": 2**32})()
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 250_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        import os
+
+        return [type("P", (), {"pid": os.getpid(), "usedGpuMemory": 512 * 2**20})()]
+
+
+def test_burst_summarises_the_recorders_nvml_readings(monkeypatch, tmp_path):
+    import sys
+
+    from mdx.bench import cuda
+    from mdx.runtime.telemetry import FIELDS, start_telemetry
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    calls = []
+    summary = cuda.burst(lambda: calls.append(1), lambda: None, 0.1, nvml=True)
+    assert calls and fake.inits == fake.shutdowns == 1
+    assert summary["nvml_samples"] >= 2 and 40 <= summary["gpu_util_mean"] <= 60 and summary["gpu_util_max"] == 60
+    assert summary["power_w_mean"] == summary["power_w_max"] == 250.0
+    assert summary["nvml_process_mem_mb_max"] == 512.0
+    assert cuda.burst(lambda: None, lambda: None, 0.01, nvml=False) == {}
+    assert cuda.nvml_available(log=lambda m: None) is True
+    # The same recorder writes mdx-sample's --telemetry CSV.
+    recorder, why_not = start_telemetry(tmp_path / "gpu.csv", interval=0.01)
+    assert why_not == "" and recorder.stop() == tmp_path / "gpu.csv"
+    rows = (tmp_path / "gpu.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(FIELDS) and len(rows) >= 3
