@@ -476,41 +476,10 @@ async def wait_or_cancel(ticket, request, poll_s: float = 0.1):
             ticket.cancel()
 
 
-def create_app(models, *, api_key: Optional[str] = None, max_images: Optional[int] = None,
-               close_on_shutdown: bool = True, on_shutdown: Optional[Callable[[], None]] = None):
-    """The FastAPI app over `models`: a ModelRegistry, a StaticModels, a single Engine, or any
-    object with names(), default_name(), engine(name), describe(name), loaded(), close().
-
-    api_key: None reads MDX_API_KEY (unset or empty: no key needed). max_images: the largest
-    n a request may ask for (default: the engines' EngineConfig.max_images). At shutdown the
-    engines are closed (unless close_on_shutdown is False), then `on_shutdown()` runs.
-    """
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
+def _add_error_handlers(app, rules: dict) -> None:
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-
-    if isinstance(models, Engine):
-        models = StaticModels({models.name: models})
-    if max_images is None:
-        max_images = getattr(getattr(models, "config", None), "max_images", None) or EngineConfig().max_images
-    rules, Body = field_rules(max_images), body_model(max_images)
-    key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        if close_on_shutdown:  # uvicorn has finished the requests in flight by now
-            await asyncio.to_thread(models.close)
-        if on_shutdown is not None:
-            on_shutdown()
-
-    app = FastAPI(title="mdx-serve", version="1", lifespan=lifespan,
-                  description="Class-conditional diffusion sampling; every client's denoising steps share "
-                              "batched ONNX Runtime calls.")
-    app.state.models = models
-    http_counts, lock = {}, threading.Lock()
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -519,6 +488,18 @@ def create_app(models, *, api_key: Optional[str] = None, max_images: Optional[in
 
     for kind, _ in ERROR_STATUS:
         app.add_exception_handler(kind, lambda request, exc: error_response(exc))
+
+
+async def _encode(result, labels, fmt: str) -> tuple:
+    """(payload, media type), encoded off the event loop."""
+    if fmt == "npz":
+        return await asyncio.to_thread(encode_npz, result.samples, labels), "application/octet-stream"
+    return await asyncio.to_thread(encode_png, result.samples), "image/png"
+
+
+def _add_generate(app, models, Body) -> None:
+    from fastapi import Request
+    from fastapi.responses import Response
 
     @app.post("/v1/generate", response_class=Response, summary="Sample images",
               responses={200: {"content": {"image/png": {}, "application/octet-stream": {}},
@@ -534,15 +515,15 @@ def create_app(models, *, api_key: Optional[str] = None, max_images: Optional[in
         result = await wait_or_cancel(ticket, request)
         if result is None:
             return Response(status_code=499)  # the client has gone; nobody reads this
-        fmt = values.get("format", "png")
-        if fmt == "npz":
-            payload, media = await asyncio.to_thread(encode_npz, result.samples, labels), "application/octet-stream"
-        else:
-            payload, media = await asyncio.to_thread(encode_png, result.samples), "image/png"
+        payload, media = await _encode(result, labels, values.get("format", "png"))
         headers = {"X-MDX-Settings": json.dumps({"model": engine.name, **used}),
                    "X-MDX-Seconds": f"{result.total_seconds:.4f}",
                    "X-MDX-Provider": str(getattr(getattr(engine, "denoiser", None), "provider", ""))}
         return Response(payload, media_type=media, headers=headers)
+
+
+def _add_info_routes(app, models, http_counts: dict, lock: threading.Lock) -> None:
+    from fastapi.responses import Response
 
     @app.get("/v1/models", summary="The models, their classes and recommended settings")
     async def list_models():
@@ -564,6 +545,42 @@ def create_app(models, *, api_key: Optional[str] = None, max_images: Optional[in
         registry.register(Snapshot())
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def create_app(models, *, api_key: Optional[str] = None, max_images: Optional[int] = None,
+               close_on_shutdown: bool = True, on_shutdown: Optional[Callable[[], None]] = None):
+    """The FastAPI app over `models`: a ModelRegistry, a StaticModels, a single Engine, or any
+    object with names(), default_name(), engine(name), describe(name), loaded(), close().
+
+    api_key: None reads MDX_API_KEY (unset or empty: no key needed). max_images: the largest
+    n a request may ask for (default: the engines' EngineConfig.max_images). At shutdown the
+    engines are closed (unless close_on_shutdown is False), then `on_shutdown()` runs.
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    if isinstance(models, Engine):
+        models = StaticModels({models.name: models})
+    if max_images is None:
+        max_images = getattr(getattr(models, "config", None), "max_images", None) or EngineConfig().max_images
+    key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        if close_on_shutdown:  # uvicorn has finished the requests in flight by now
+            await asyncio.to_thread(models.close)
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="mdx-serve", version="1", lifespan=lifespan,
+                  description="Class-conditional diffusion sampling; every client's denoising steps share "
+                              "batched ONNX Runtime calls.")
+    app.state.models = models
+    http_counts, lock = {}, threading.Lock()
+    _add_error_handlers(app, field_rules(max_images))
+    _add_generate(app, models, body_model(max_images))
+    _add_info_routes(app, models, http_counts, lock)
     if key:
         app.add_middleware(BearerAuth, key=key)
     app.add_middleware(StatusCounter, counts=http_counts, lock=lock)  # outermost: counts the 401s too
@@ -627,7 +644,13 @@ USER_ERRORS = (ServeError, EngineError, ModelError)  # ShippedDataError is a Mod
               help="Largest n one request may ask for.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds a request may take, queue time included (then 504).")
-def main(models_dir, host, port, provider, threads, max_batch_rows, max_queue, max_images, timeout_s) -> None:
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve replicas (mdx.runtime.ray_serve; extra ray).")
+@click.option("--replicas", type=int, default=None, help="--ray: engine replicas (default: the cluster's CPUs / --replica-cpus).")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="--ray: autoscale between MIN and MAX replicas.")
+@click.option("--address", default=None, help="--ray: join this Ray cluster (auto, HOST:6379); default: a local one.")
+@click.option("--replica-cpus", type=int, default=None, help="--ray: CPUs (and ONNX Runtime threads) per replica [1].")
+def main(models_dir, host, port, provider, threads, max_batch_rows, max_queue, max_images, timeout_s, use_ray, replicas,
+         autoscale, address, replica_cpus) -> None:
     """Serve mdx models over HTTP; concurrent requests share batched denoiser calls (no torch).
 
     Set MDX_API_KEY to require `Authorization: Bearer <key>` on every path but /healthz.
@@ -637,6 +660,13 @@ def main(models_dir, host, port, provider, threads, max_batch_rows, max_queue, m
     if not models_dir.is_dir():
         raise ServeError(f"models folder {models_dir} does not exist; pass --models-dir DIR")
     config = EngineConfig(max_rows=max_batch_rows, max_queue=max_queue, timeout_s=timeout_s, max_images=max_images)
+    if use_ray or any(v is not None for v in (replicas, autoscale, address, replica_cpus)):
+        from mdx.runtime.ray_serve import serve_on_ray
+
+        return serve_on_ray(models_dir, use_ray=use_ray, host=host, port=port, provider=provider, threads=threads,
+                            config=config, api_key=os.environ.get(API_KEY_ENV), address=address, replicas=replicas,
+                            autoscale=autoscale, replica_cpus=replica_cpus,
+                            log=lambda message: click.echo(f"{PROG}: {message}", err=True))
     registry = ModelRegistry(models_dir, provider=provider, config=config, threads=threads)
     names = registry.names()
     sock = bind_socket(host, port)
