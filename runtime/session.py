@@ -183,9 +183,15 @@ def _open_auto(path: Path, threads: int | None, cuda_graph: bool,
     prefer, why_not = providers.auto_prefers_openvino(isa)
     if why_not:
         notes.append(why_not)
-    if prefer or compute_precision == "bf16":
+    if compute_precision == "bf16":  # only OpenVINO computes in bf16: its error is the answer
         session, precision = _openvino_session(path, threads, compute_precision, isa)
         return session, notes + [f"OpenVINO computes in {precision}"], precision
+    if prefer:
+        try:
+            session, precision = _openvino_session(path, threads, compute_precision, isa)
+            return session, notes + [f"OpenVINO computes in {precision}"], precision
+        except (ModelError, providers.ProviderError) as e:  # auto goes on to the CPU provider, and says why
+            notes.append(f"OpenVINO did not start ({e}); running on the CPU provider")
     return _create_session(path, [CPU], threads), notes, None
 
 

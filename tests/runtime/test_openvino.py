@@ -293,3 +293,17 @@ def test_eval_cli_takes_the_flags(tiny, tmp_path):
                                             "-n", "2"], catch_exceptions=False)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "bf16 needs the OpenVINO provider" in lines[0], lines
+
+
+def test_auto_falls_back_to_the_cpu_provider_when_openvino_fails(tiny, monkeypatch):
+    monkeypatch.setattr(providers, "auto_prefers_openvino", lambda isa: (True, None))
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: [CPU])
+
+    def fails(*args):
+        raise ModelError("cannot load x as an ONNX model: boom")
+    monkeypatch.setattr(session, "_openvino_session", fails)
+    s, notes, precision = session.open_session(tiny, "auto")
+    assert s.get_providers()[0] == CPU and precision is None
+    assert any("OpenVINO did not start" in n and "boom" in n for n in notes)
+    with pytest.raises(ModelError, match="boom"):  # named, or bf16 asked: the error itself
+        session.open_session(tiny, "openvino")
