@@ -234,6 +234,13 @@ class Ticket:
         Raises RequestTimeout, EngineClosed, concurrent.futures.CancelledError, or the error of
         the model call; TimeoutError when `timeout` passes first (the request keeps running).
         """
+        if progress is None:  # no wake-up per step: the engine thread runs undisturbed
+            try:
+                return self.future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                if self.future.done():  # the request itself timed out, or was cancelled
+                    raise
+                raise TimeoutError(f"request {self.id} not finished after {timeout} s") from None
         end = None if timeout is None else time.monotonic() + timeout
         reported = 0
         while not self.future.done():
