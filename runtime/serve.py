@@ -75,11 +75,15 @@ class BadField(ServeError):
     status = 422
 
 
-class UnknownModel(ServeError):
+class UnknownModel(ServeError, ModelError):
+    """No such model in the folder (a ModelError too, for callers such as mdx-ui)."""
+
     status = 404
 
 
-class ModelUnavailable(ServeError):
+class ModelUnavailable(ServeError, ModelError):
+    """The model file is there but cannot be loaded; the message says why."""
+
     status = 500
 
 
