@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 import mdx.runtime
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
-from mdx.runtime.contract import FALLBACK, ModelInfo, max_steps, read_metadata, resolve_settings
+from mdx.runtime.contract import FALLBACK, FORMAT, ModelInfo, max_steps, read_metadata, resolve_settings
 from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
 from mdx.runtime.pipeline import PipelineError, build_context, generate
 from mdx.runtime.samplers import SAMPLERS, SamplerError
@@ -85,7 +85,7 @@ def list_models(models_dir: Path) -> list[str]:
         except (OSError, ValueError):
             names.append(path.name)
             continue
-        if "mdx.format" in meta:
+        if FORMAT in meta:
             names.append(path.name)
     return names
 
