@@ -416,3 +416,13 @@ def test_mdx_serve_process_answers_and_stops_on_sigterm(models_dir):
     assert code == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down gracefully
     assert "serving on http://127.0.0.1" in err and "stopped; the requests in flight were answered" in err
     assert "Traceback" not in err
+
+
+def test_importing_serve_loads_no_web_stack():
+    """FastAPI, uvicorn, pydantic and prometheus_client load only when an app is built (the serve extra)."""
+    code = ("import sys, mdx.runtime.serve, mdx.runtime.engine; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'uvicorn', 'pydantic', 'starlette', 'prometheus_client', 'httpx')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
