@@ -162,7 +162,7 @@ def forward_cost_model(forward_records: list[dict], network: str) -> dict[str, c
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sides are dict keys
 class Side:
     """One side of a sampling comparison: how to run it, and what its record says it was."""
 
@@ -288,6 +288,25 @@ def _compare(sides: list[Side], cfg: Config, steps: int, context: np.ndarray, mb
     return stats, results
 
 
+def _fit_budget(all_sides: list[Side], cfg: Config, steps: int, cost, repeats: int, budget):
+    """(sides of this config, a reason to skip it all or None, {peer side: reason} dropped so that
+    the plain torch-vs-ORT comparison still fits the budget when its peers do not)."""
+    chosen = [s for s in all_sides if cfg.peers or not s.peer]
+
+    def expected(sides):
+        live = [s for s in sides if not s.skipped]
+        n_torch = sum(s.backend == "torch" for s in live)
+        return estimate_seconds(cfg, steps, cost, repeats) * max(n_torch, len(live) - n_torch, 1)
+    what = f"{cfg.sampler}-{steps} at batch {cfg.batch}"
+    if budget is None or budget.allows(expected(chosen)):
+        return chosen, None, {}
+    plain = [s for s in chosen if not s.peer]
+    if cfg.peers and budget.allows(expected(plain)):
+        reason = budget.reason(f"{what} with its peers", expected(chosen))
+        return chosen, None, {s: reason for s in chosen if s.peer and not s.skipped}
+    return chosen, budget.reason(what, expected(plain)), {}
+
+
 def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, forward_records=(),
                  budget=None, log=print, int8: bool = False) -> list[dict]:
     """Records of suite (b) on the CPU for `net`: torch eager against ORT fp32 (and int8) on every
@@ -309,19 +328,16 @@ def run_sampling(net, *, threads: int, configs: list[Config], repeats: int = 5, 
         steps = cfg.steps or T
         mb = cfg.batch * (2 if cfg.guidance != 1.0 else 1)
         fields = dict(sampler=cfg.sampler, steps=steps, guidance=cfg.guidance, model_batch=mb, **base)
-        chosen = [s for s in all_sides if cfg.peers or not s.peer]
-        live_sides = [s for s in chosen if not s.skipped]
-        n_torch = sum(s.backend == "torch" for s in live_sides)
-        expected = estimate_seconds(cfg, steps, cost, repeats) * max(n_torch, len(live_sides) - n_torch)
-        skip = budget.reason(f"{cfg.sampler}-{steps} at batch {cfg.batch}", expected) \
-            if budget is not None and not budget.allows(expected) else None
+        chosen, skip, dropped = _fit_budget(all_sides, cfg, steps, cost, repeats, budget)
         for s in chosen:
-            if s.skipped or skip:
+            if s.skipped or skip or s in dropped:
                 records.append(make_record("sampling", s.backend, s.provider, s.precision, cfg.batch,
-                                           skipped=s.skipped or skip, variant=s.variant, peer=s.peer, **fields))
+                                           skipped=s.skipped or skip or dropped[s], variant=s.variant, peer=s.peer,
+                                           **fields))
         if skip:
             log(f"  skipped {cfg}: {skip}")
             continue
+        live_sides = [s for s in chosen if not s.skipped and s not in dropped]
         stats, results = _compare(live_sides, cfg, steps, _context(cfg, net), mb, repeats)
         t_med = stats["torch"].median_s
         for s in live_sides:

@@ -131,3 +131,21 @@ def test_machine_info_names_the_isa_and_openvino():
     assert info["isa"]["native_bf16"] == isa.native_bf16 and info["isa"]["flags"] == sorted(isa.flags)
     assert info["openvino"]["installed"] == providers.openvino_installed()
     assert np.isfinite(len(info["cpu_flags"]))
+
+
+def test_a_tight_budget_drops_the_peers_before_the_plain_comparison():
+    from mdx.bench.sampling import Config, Side, _fit_budget
+    from mdx.bench.timing import Budget
+
+    def side(key, backend, peer):
+        return Side(key, backend, "cpu", "fp32", "eager", "", None, None, peer=peer)
+    sides = [side("torch", "torch", False), side("onnxruntime fp32", "onnxruntime", False),
+             side("torch channels_last", "torch", True), side("torch x", "torch", True)]
+    cost = {"torch": lambda b: 1.0, "onnxruntime": lambda b: 1.0}  # 2 s per step and repeat, per side pair
+    cfg = Config("ddim", 4, 1.0, 1, peers=True)  # plain: 2 * 5 * 5.2 = 52 s; with 3 torch sides: 156 s
+    assert _fit_budget(sides, cfg, 4, cost, 5, Budget(1000.0)) == (sides, None, {})
+    chosen, skip, dropped = _fit_budget(sides, cfg, 4, cost, 5, Budget(100.0))
+    assert skip is None and set(dropped) == set(sides[2:]) and "with its peers" in dropped[sides[2]]
+    chosen, skip, dropped = _fit_budget(sides, cfg, 4, cost, 5, Budget(10.0))
+    assert skip and not dropped
+    assert _fit_budget(sides, Config("ddim", 4, 1.0, 1), 4, cost, 5, None)[0] == sides[:2]
