@@ -7,7 +7,13 @@ a local cluster cannot start, the module is skipped with the reason.
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,22 +77,33 @@ def shard_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 # --- the cluster ----------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)
-def test_the_cluster_is_on_loopback_only(ray):
-    assert ray_cluster.node_addresses(ray) == ["127.0.0.1"]
-    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
-    assert ray_cluster.cluster_cpus(ray) == 2
+def listening_sockets() -> list[tuple[str, object]]:
+    """(process name, address) of every socket that Ray's processes (children of this one: GCS,
+    raylet, workers, agents, Serve's proxy) listen on."""
     psutil = pytest.importorskip("psutil")
-    # Every socket that Ray's processes (children of this one: GCS, raylet, workers, agents) listen on.
     listening = []
     for child in psutil.Process().children(recursive=True):
         try:
             listening += [(child.name(), c.laddr) for c in child.net_connections("inet") if c.status == "LISTEN"]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return listening
+
+
+def assert_loopback_only() -> list[tuple[str, object]]:
+    listening = listening_sockets()
     assert listening, "found no listening socket of Ray's processes"
     outside = [(name, addr) for name, addr in listening if addr.ip not in LOOPBACK_HOSTS]
     assert not outside, f"Ray listens beyond loopback: {outside}"
+    return listening
+
+
+@pytest.mark.timeout(120)
+def test_the_cluster_is_on_loopback_only(ray):
+    assert ray_cluster.node_addresses(ray) == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert ray_cluster.cluster_cpus(ray) == 2
+    assert_loopback_only()
 
 
 # --- mdx-generate --ray ---------------------------------------------------------------
@@ -140,3 +157,109 @@ def test_the_generate_benchmark_runs_its_sides(ray, model_path):
     assert results["rows"][0]["speedup_vs_local"] == 1.0
     text = bench.table(results)
     assert "| ray-1 | 1 x 1 |" in text and "Ray start-up" in text
+
+
+# --- mdx-serve --ray ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def replica_names(ray) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::mdx#mdx-engine#")}
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {seconds} s waiting for {what}")
+        time.sleep(0.25)
+
+
+def npz_samples(content: bytes) -> np.ndarray:
+    with np.load(io.BytesIO(content)) as data:
+        return data["samples"]
+
+
+@pytest.mark.timeout(180)
+def test_two_replicas_answer_on_loopback_and_a_killed_replica_loses_nothing(ray, model_path, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    from mdx.runtime import ray_serve
+    from mdx.runtime.engine import EngineConfig
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(model_path, tmp_path / "models" / "tiny.onnx")
+    port, stop, log = free_port(), threading.Event(), []
+    config = EngineConfig(max_rows=32, max_queue=64, max_images=64)
+    service = threading.Thread(target=ray_serve.serve_on_ray, args=(tmp_path / "models",), kwargs=dict(
+        use_ray=True, host="127.0.0.1", port=port, provider="auto", threads=None, config=config, api_key="k3y",
+        address=None, replicas=2, autoscale=None, replica_cpus=1, log=log.append, stop=stop), daemon=True)
+    service.start()
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k3y"}
+    try:
+        wait_for(lambda: any("serving on" in line for line in log) or not service.is_alive(), 120, "the deployment")
+        assert service.is_alive(), log
+        assert "2 replicas x 1 CPU" in log[0] and f"http://127.0.0.1:{port}" in log[0]
+        assert any(addr.port == port and addr.ip in LOOPBACK_HOSTS for _, addr in assert_loopback_only())
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/healthz").json()["status"] == "ok"
+            assert client.get("/v1/models").status_code == 401  # the driver's key reached the replicas
+            assert [m["name"] for m in client.get("/v1/models", headers=auth).json()["models"]] == ["tiny"]
+        killed, responses = kill_a_replica_under_load(ray, url, auth, httpx)
+        assert [r.status_code for r in responses] == [200] * len(responses), [r.text[:200] for r in responses]
+        tries = [int(r.headers["x-mdx-tries"]) for r in responses]
+        retried = [r for r, t in zip(responses, tries) if t > 1]
+        assert retried, f"no request was held by the killed replica (tries {tries})"
+        assert all(r.headers["x-mdx-replica"] != killed for r in retried)
+        # Ray replaces the replica; a retried request gives the images it would have given at once.
+        wait_for(lambda: len(replica_names(ray)) == 2 and not any(n.endswith(killed) for n in replica_names(ray))
+                 and ray_serve.running_replicas() == 2, 90, "Ray Serve to replace the killed replica")
+        with httpx.Client(base_url=url, timeout=60, headers=auth) as client:
+            again = client.post("/v1/generate", json=json.loads(retried[0].request.content))
+            assert again.status_code == 200 and int(again.headers["x-mdx-tries"]) == 1
+            assert npz_samples(again.content).tobytes() == npz_samples(retried[0].content).tobytes()
+    finally:
+        stop.set()
+        service.join(60)
+    assert not service.is_alive() and log[-1] == "stopped; the deployment was removed"
+
+
+def kill_a_replica_under_load(ray, url: str, auth: dict, httpx) -> tuple[str, list]:
+    """8 concurrent requests (each fills max_rows 32 alone: 16 guided images, so its denoiser calls
+    do not depend on the others); one replica is killed while they run (about 4 each).
+    Returns (the killed replica's id, the responses)."""
+    before = sorted(replica_names(ray))
+    bodies = [{"n": 16, "steps": 25, "classes": ["apple"], "guidance": 2.0, "seed": seed, "format": "npz"}
+              for seed in range(8)]
+    with httpx.Client(base_url=url, timeout=120, headers=auth) as client, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client.post, "/v1/generate", json=body) for body in bodies]
+        time.sleep(1.0)
+        assert not all(f.done() for f in futures), "the requests finished before the kill; make them longer"
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        responses = [f.result() for f in futures]
+    return before[0].rsplit("#", 1)[1], responses
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--replicas", "2"], "--replicas apply to --ray only"),
+    (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+    (["--ray", "--autoscale", "3:1"], "need 0 <= MIN <= MAX"),
+    (["--ray", "--autoscale", "many"], "give MIN:MAX replicas"),
+    (["--ray", "--threads", "2"], "each replica runs --replica-cpus threads"),
+    (["--ray", "--replica-cpus", "0"], "--replica-cpus 0: must be at least 1"),
+    (["--ray", "--replicas", "0"], "--replicas 0: must be at least 1"),
+])
+def test_mdx_serve_ray_options_are_checked_before_ray_starts(tmp_path, args, fragment):
+    pytest.importorskip("fastapi")
+    from mdx.runtime import serve
+
+    (tmp_path / "models").mkdir()
+    result = CliRunner().invoke(serve.main, ["--models-dir", str(tmp_path / "models"), *args])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("mdx-serve: error: ") and fragment in line and "Traceback" not in result.output
