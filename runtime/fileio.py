@@ -19,6 +19,7 @@ temporary sits in the target's own folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -139,3 +140,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

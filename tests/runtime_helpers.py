@@ -173,3 +173,20 @@ def write_wrong_signature_model(path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return Path(path)
+
+
+def fail_temporary_file(monkeypatch, name: str, code: int) -> None:
+    """mdx.runtime.fileio cannot create the temporary file for the target called `name`: its
+    first write fails with OSError(code) (ENOSPC: a full disk, EROFS: a read-only file system)."""
+    import os
+
+    from mdx.runtime import fileio
+
+    real = fileio.tempfile.mkstemp
+
+    def mkstemp(*args, prefix: str = "", **kwargs):
+        if prefix.startswith(f".{name}."):
+            raise OSError(code, os.strerror(code))
+        return real(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)

@@ -21,7 +21,6 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from mdx.runtime.contract import PREDICTION_TYPES
-from mdx.runtime.fileio import WriteError, atomic_dir, atomic_write, write_error
+from mdx.runtime.fileio import WriteError, atomic_dir, atomic_write, sha256_file, write_error
 from mdx.runtime.schedules import Schedule, ScheduleError
 from mdx.train.model import ModelConfig
 from mdx.train.unet2d import (DEFAULT_ARCHITECTURE, UNet2DConfig, architecture_of, build_network,
@@ -87,14 +86,6 @@ def _as_oserror(e: SafetensorError) -> OSError:
     match = re.search(r"os error (\d+)", str(e))
     code = int(match.group(1)) if match else errno.EIO
     return OSError(code, os.strerror(code))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- optimizer state <-> flat named tensors -------------------------------------------

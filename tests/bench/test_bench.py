@@ -6,6 +6,7 @@ a few seconds.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from mdx.bench.records import REQUIRED, check_record, make_record
 from mdx.bench.roofline import achieved_gflops, matmul_flops, peak_share
 from mdx.bench.sampling import GUIDANCE, full_configs, quick_configs
 from mdx.bench.timing import Budget, InterleavedTimer, calibrate_number, peak_rss_mb, summarize
+from runtime_helpers import fail_temporary_file
 
 
 class FakeClock:
@@ -388,26 +390,9 @@ def test_calibrate_number_sizes_from_the_fastest_of_three_calls():
 # --- writing fails (issue 17) ------------------------------------------------------------------
 
 
-def _no_space_for(monkeypatch, name: str) -> None:
-    """fileio cannot create the temporary file for the target called `name` (a full disk)."""
-    import errno
-    import os
-
-    from mdx.runtime import fileio
-
-    real = fileio.tempfile.mkstemp
-
-    def mkstemp(*args, prefix: str = "", **kwargs):
-        if prefix.startswith(f".{name}."):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, prefix=prefix, **kwargs)
-
-    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
-
-
 def test_cli_results_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """results.json is written first thing (and after every suite): a full disk ends the run in one line."""
-    _no_space_for(monkeypatch, "results.json")
+    fail_temporary_file(monkeypatch, "results.json", errno.ENOSPC)
     out = tmp_path / "run"
     result, lines = _invoke(["--out", str(out), "--suites", "forward", "--device", "cpu"])
     assert result.exit_code == 2, (result.output, repr(result.exception))
@@ -419,7 +404,7 @@ def test_cli_results_file_that_cannot_be_written_is_one_line(tmp_path, monkeypat
 def test_report_writers_fail_cleanly(name, tmp_path, monkeypatch):
     from mdx.runtime.fileio import WriteError
 
-    _no_space_for(monkeypatch, name)
+    fail_temporary_file(monkeypatch, name, errno.ENOSPC)
     with pytest.raises(WriteError, match=f"cannot write {tmp_path / name}: No space left on device"):
         report.write_report(_fake_results(), tmp_path)
     assert not (tmp_path / name).exists() and not list(tmp_path.glob(".*"))

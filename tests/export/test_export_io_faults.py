@@ -22,6 +22,7 @@ from mdx.export.cli import main
 from mdx.runtime import fileio
 from mdx.runtime.fileio import WriteError
 from mdx.train.checkpoint import load_checkpoint
+from runtime_helpers import fail_temporary_file
 from test_export import leftovers, make_run
 
 FAULTS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system"}
@@ -54,14 +55,7 @@ def fault(code: int) -> OSError:
 def inject(monkeypatch, where: str, code: int, out: Path) -> None:
     """Make the first, a middle or the last write of the export to `out` raise OSError(code)."""
     if where == "first":  # the temporary file beside the output cannot be created
-        real_mkstemp = fileio.tempfile.mkstemp
-
-        def mkstemp(*args, prefix: str = "", **kwargs):
-            if prefix.startswith(f".{out.name}."):
-                raise fault(code)
-            return real_mkstemp(*args, prefix=prefix, **kwargs)
-
-        monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+        fail_temporary_file(monkeypatch, out.name, code)
     elif where == "middle":  # the model's bytes
         def save(proto, f, *args, **kwargs):
             raise fault(code)

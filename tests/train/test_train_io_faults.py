@@ -19,6 +19,7 @@ from click.testing import Result
 from mdx.runtime import fileio
 from mdx.train import checkpoint as ckpt
 from mdx.train import trainer
+from runtime_helpers import fail_temporary_file
 from test_train import checkpoint_step, invoke, train_args, write_npz
 
 STEPS, EVERY = 6, 3  # checkpoints at steps 3 and 6; the faults hit the one at step 6
@@ -138,18 +139,6 @@ def _fail_open_for(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> Non
     monkeypatch.setattr("builtins.open", guarded)
 
 
-def _fail_temporary_of(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> None:
-    """fileio's temporary file for the target called `name` cannot be created."""
-    real = fileio.tempfile.mkstemp
-
-    def mkstemp(*args, prefix: str = "", **kwargs):
-        if prefix.startswith(f".{name}."):
-            raise fault(code)
-        return real(*args, prefix=prefix, **kwargs)
-
-    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
-
-
 @pytest.mark.parametrize("target", ["config.json", "metrics.jsonl", "final.png", "telemetry.csv"])
 def test_other_writers_fail_in_one_line(target: str, tmp_path: Path, data_npz: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +148,7 @@ def test_other_writers_fail_in_one_line(target: str, tmp_path: Path, data_npz: P
     if target == "metrics.jsonl":
         _fail_open_for(monkeypatch, target, errno.ENOSPC)
     else:
-        _fail_temporary_of(monkeypatch, target, errno.ENOSPC)
+        fail_temporary_file(monkeypatch, target, errno.ENOSPC)
     path = run / (f"{trainer.SAMPLES_DIR}/{target}" if target == "final.png" else target)
     result = invoke(train_args(data_npz, run, max_steps=STEPS, checkpoint_every=EVERY, telemetry=True))
     monkeypatch.undo()
