@@ -109,6 +109,7 @@ class Output:
     provider: str  # the onnxruntime provider that really ran
     model: Path
     x0_frames: list[np.ndarray] | None = field(default=None, repr=False)  # per step, with record_x0=True
+    compute_precision: str | None = None  # what the provider computed in (e.g. OpenVINO's bf16)
 
     @functools.cached_property
     def images(self) -> np.ndarray:
@@ -288,6 +289,11 @@ class Pipeline:
         return list(getattr(self.denoiser, "notes", []))
 
     @property
+    def compute_precision(self) -> str | None:
+        """What the provider computes in (OpenVINO's precision hint, else the file's precision)."""
+        return getattr(self.denoiser, "compute_precision", None)
+
+    @property
     def path(self) -> Path:
         return Path(self.info.path)
 
@@ -320,7 +326,7 @@ class Pipeline:
         return Output(samples=result.samples, labels=request.labels, context=request.context,
                       class_names=self.class_names, settings=s,
                       timings=Timings(result.total_seconds, result.model_seconds), provider=self.provider,
-                      model=self.path, x0_frames=result.x0_frames)
+                      model=self.path, x0_frames=result.x0_frames, compute_precision=self.compute_precision)
 
     def __call__(self, classes: ClassSpec = None, *, n: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, sampler: str | None = None,
