@@ -7,12 +7,14 @@
 Every side writes the same shards (same seed and settings) into a fresh temporary folder
 through mdx.runtime.generate, so they do identical work. The sides take turns (local, ray-1,
 ray-2, local, ...) so a drift of the machine hits all alike; images/s = images / median wall
-time of a side's runs ("first shard s": until its first shard was written). A side's time counts everything after Ray is connected: the Ray sides
-include Ray Data's planning and starting their actors (each loads the model), which a real run
-pays too. Ray's own start-up (the local cluster on 127.0.0.1, with --workers-max CPUs) is
-measured once and reported separately. The local side uses ONNX Runtime's default threads
-(all cores); a Ray worker has --worker-cpus CPUs and as many threads. On a machine with C
-cores the scaling ceiling is C / --worker-cpus workers.
+time of a side's runs ("first shard s": until its first shard was written). A side's time
+counts everything after Ray is connected: the Ray sides include Ray Data's planning and
+starting their actors (each loads the model), which a real run pays too. Ray's own start-up
+(the local cluster on 127.0.0.1, with --workers-max x --worker-cpus CPUs) is measured once and
+reported separately; the local side runs while that cluster idles. The local side uses ONNX
+Runtime's default threads (all cores); a Ray worker has --worker-cpus CPUs and as many
+threads. On a machine with C cores the scaling ceiling is C / --worker-cpus workers, and one
+local process using all C cores is the bar the Ray sides must reach.
 """
 
 from __future__ import annotations

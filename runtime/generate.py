@@ -342,8 +342,8 @@ def open_run(model: Path, out: Path, denoiser: OnnxDenoiser, settings: dict, for
     run = Run(out, model, sha256, denoiser, expected, run_labels(settings, denoiser.info.class_names))
     before = (existing or {}).get("runtime")
     if before and before != expected["runtime"]:
-        run.notes.append(f"earlier shards were sampled on {before.get('provider')} ({before.get('compute_precision')}), "
-                         f"these on {denoiser.provider} ({denoiser.compute_precision}): their rounding may differ")
+        earlier = f"{before.get('provider')} ({before.get('compute_precision')})"
+        run.notes.append(f"earlier shards were sampled on {earlier}, these on {denoiser.provider} ({denoiser.compute_precision}): their rounding may differ")
     for shard in expected["shards"]:
         labels = run.labels[shard["start"]:shard["start"] + shard["count"]]
         problem = shard_problem(out / shard["file"], labels, denoiser.info.sample_shape)
@@ -531,7 +531,8 @@ def summary(report: RunReport, out: Path) -> str:
 @click.option("--model", metavar="FILE", default=None,
               help="ONNX model (default: as mdx-sample: $MDX_MODEL, ./models/emoji16.onnx, the repository's).")
 @click.option("-n", "--num-images", "n", type=int, default=None, help="Number of images in all.")
-@click.option("--per-class", type=int, default=None, metavar="K", help="K images of every chosen class (instead of -n).")
+@click.option("--per-class", type=int, default=None, metavar="K",
+              help="K images of every chosen class (instead of -n).")
 @click.option("--classes", default=None, metavar="NAMES",
               help="Comma-separated class names or indices; image i gets the (i mod m)-th. Default: all classes.")
 @click.option("--unconditional", is_flag=True, help="Sample without a class (all-zero context).")
@@ -547,7 +548,8 @@ def summary(report: RunReport, out: Path) -> str:
 @click.option("--force", is_flag=True, help="Replace another run's manifest and shards in DIR instead of refusing.")
 @click.option("--max-shards", type=int, default=None, help="Write at most this many shards now (resume later).")
 @click.option("--provider", default="auto", show_default=True,
-              help="auto, cpu, cuda, openvino or an onnxruntime provider name (resolved here; Ray workers run the same).")
+              help="auto, cpu, cuda, openvino or an onnxruntime provider name (resolved here; Ray workers "
+                   "run the same).")
 @click.option("--compute-precision", type=click.Choice(COMPUTE_PRECISIONS), default="auto", show_default=True,
               help="What OpenVINO computes in (as mdx-sample).")
 @click.option("--threads", type=int, default=None, help="Local run: ONNX Runtime threads (default: its choice).")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import signal
 import tempfile
@@ -289,7 +290,14 @@ def deploy(app, host: str = "127.0.0.1", port: int = 8000) -> None:
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    # serve.run connects to the Serve just started and logs that new HTTP options would not apply.
+    serve_logger = logging.getLogger("ray.serve")
+    level = serve_logger.level
+    serve_logger.setLevel(logging.WARNING)
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    finally:
+        serve_logger.setLevel(level)
 
 
 def running_replicas(deployment: str = ENGINE_NAME, app_name: str = APP_NAME) -> int:
@@ -358,7 +366,8 @@ def run_ray_serve(models_dir: Path, *, host: str, port: int, provider: str, conf
         deploy(build_app(models, provider=provider, replica_cpus=replica_cpus, config=config, api_key=api_key,
                          replicas=replicas, autoscale=autoscale), host, port)
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster on 127.0.0.1"
-        scale = f"{replicas} replicas" if autoscale is None else f"{autoscale[0]}..{autoscale[1]} replicas (autoscaling)"
+        scale = (f"{replicas} replica{'s' if replicas != 1 else ''}" if autoscale is None
+                 else f"{autoscale[0]}..{autoscale[1]} replicas (autoscaling)")
         log(f"{len(models)} model(s) ({', '.join(Path(m).stem for m in models)}) on {where} (connected in "
             f"{startup:.1f} s), {scale} x {replica_cpus} CPU, deployed in {time.perf_counter() - start:.1f} s; "
             f"serving on http://{host}:{port} (Ctrl+C stops)")
