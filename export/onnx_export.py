@@ -41,8 +41,11 @@ from mdx.export.quantize import (INT8_ACTIVATIONS, CalibrationError, Calibration
 from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, ValidationError, ValidationReport,
                                  all_nodes, onnx_opset, validate_onnx)
 from mdx.runtime.fileio import atomic_write, write_error
-from mdx.train.checkpoint import CKPT_DIR, WEIGHTS, CheckpointError, LoadedCheckpoint, load_checkpoint
+from mdx.export.diffusers_import import DiffusersImportError, ScheduleOptions, is_diffusers_folder, load_diffusers
+from mdx.train.checkpoint import (CKPT_DIR, WEIGHTS, CheckpointError, LoadedCheckpoint, find_checkpoint_dir,
+                                  load_checkpoint)
 from mdx.train.model import count_parameters
+from mdx.train.unet2d import network_summary
 from mdx.runtime import contract
 from mdx.runtime.samplers import SAMPLERS, SamplerError, make_sampler
 from mdx.runtime.schedules import Schedule
@@ -276,10 +279,13 @@ def _version() -> str:
         return "0"
 
 
+GRAPH_NAMES = {"contextunet": "mdx_context_unet", "unet2d": "mdx_unet2d"}
+
+
 def describe(ckpt: LoadedCheckpoint, precision: str, int8_activations: str = "u8") -> str:
     mc, s = ckpt.model_config, ckpt.schedule
     how = PRECISION_DOC[precision].format(act=ACTIVATION_DOC[int8_activations])
-    return (f"mdx class-conditional diffusion U-Net (the course's ContextUnet): n_feat={mc.n_feat}, "
+    return (f"mdx diffusion U-Net ({network_summary(ckpt.model)}): "
             f"{mc.n_classes} classes ({', '.join(ckpt.class_names)}), {mc.in_channels}x{mc.image_size}x"
             f"{mc.image_size} images, {ckpt.prediction_type} prediction, {s.kind} schedule with T="
             f"{s.num_train_timesteps}; {how}. Exported from {ckpt.path.name} "
@@ -297,7 +303,7 @@ def finish_model(model: onnx.ModelProto, ckpt: LoadedCheckpoint, precision: str,
     model.producer_version = _version()
     model.model_version = int(ckpt.step)
     model.doc_string = describe(ckpt, precision, int8_activations)
-    model.graph.name = "mdx_context_unet"
+    model.graph.name = GRAPH_NAMES[ckpt.architecture]
     for v in list(model.graph.input) + list(model.graph.output):
         v.doc_string = INPUT_DOCS.get(v.name, "")
     used = {n.domain for n in all_nodes(model)}
@@ -376,9 +382,38 @@ def _calibration(ckpt: LoadedCheckpoint, calibration_data: str | None):
         raise ExportError(f"{e}{hint}") from None
 
 
-def _load(path: str | Path, weights: str) -> LoadedCheckpoint:
+def _load_diffusers(path: Path, schedule_options: ScheduleOptions | None, class_names: list[str] | None,
+                    log: Callable[[str], None]) -> tuple[LoadedCheckpoint, dict | None]:
+    """A diffusers folder as a checkpoint, with the recommendation its scheduler config makes."""
     try:
-        return load_checkpoint(path, weights=weights)
+        found = load_diffusers(path, schedule_options, class_names)
+    except DiffusersImportError as e:
+        raise ExportError(str(e)) from None
+    for note in found.notes:
+        log(f"  note       {note}")
+    loaded = LoadedCheckpoint(found.model, found.config, found.model.config, found.schedule, found.class_names,
+                              found.prediction_type, "diffusers", found.path, found.sha256, 0, "unet2d")
+    return loaded, found.recommended
+
+
+def _load(path: str | Path, weights: str, schedule_options: ScheduleOptions | None = None,
+          class_names: list[str] | None = None,
+          log: Callable[[str], None] = print) -> tuple[LoadedCheckpoint, dict | None]:
+    """An mdx run/checkpoint, or a diffusers folder; (checkpoint, the source's own recommendation)."""
+    path = Path(path)
+    if is_diffusers_folder(path):
+        return _load_diffusers(path, schedule_options, class_names, log)
+    given = [name for name, value in (("the schedule options", schedule_options and schedule_options.given()),
+                                      ("--classes", class_names)) if value]
+    if given:
+        raise ExportError(f"{' and '.join(given)} apply to a diffusers model folder only; {path} is not one "
+                          "(an mdx run carries its schedule and classes)")
+    if path.is_dir() and find_checkpoint_dir(path) is None and not (path / WEIGHTS[weights]).is_file():
+        raise ExportError(f"{path}: no checkpoint in this folder (expected {CKPT_DIR}/{WEIGHTS[weights]}), and it is "
+                          "not a diffusers model folder either (no model_index.json, nor a config.json naming its "
+                          "_class_name)")
+    try:
+        return load_checkpoint(path, weights=weights), None
     except CheckpointError as e:
         raise ExportError(str(e)) from None
 
@@ -386,7 +421,7 @@ def _load(path: str | Path, weights: str) -> LoadedCheckpoint:
 def _log_source(ckpt: LoadedCheckpoint, path: str | Path, out: Path, log: Callable[[str], None]) -> None:
     mc = ckpt.model_config
     log(f"mdx-export: {path} ({ckpt.weights} weights, step {ckpt.step}, sha256 {ckpt.sha256[:12]}) -> {out}")
-    log(f"  model      ContextUnet n_feat={mc.n_feat}, {mc.n_classes} classes, {mc.in_channels}x{mc.image_size}x"
+    log(f"  model      {network_summary(ckpt.model)}, {mc.n_classes} classes, {mc.in_channels}x{mc.image_size}x"
         f"{mc.image_size}, {count_parameters(ckpt.model):,} parameters, {ckpt.prediction_type}, "
         f"{ckpt.schedule.kind} T={mc.num_train_timesteps}")
 
@@ -457,8 +492,14 @@ def save_and_validate(proto: onnx.ModelProto, tmp: Path, ckpt: LoadedCheckpoint,
 def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
                       precision: str = "fp32", weights: str = "ema", simplify: bool = True,
                       recommended: str | dict | None = None, calibration_data: str | None = None,
-                      verbose: bool = True, int8_activations: str = "u8") -> ExportReport:
-    """Export a run folder, checkpoint folder or .safetensors file to a validated ONNX file.
+                      verbose: bool = True, int8_activations: str = "u8",
+                      schedule_options: ScheduleOptions | None = None,
+                      class_names: list[str] | None = None) -> ExportReport:
+    """Export a run folder, checkpoint folder, .safetensors file or diffusers folder to a validated ONNX file.
+
+    A diffusers pipeline folder (model_index.json, unet/, scheduler/) or bare UNet2DModel folder
+    is read by mdx.export.diffusers_import: `schedule_options` (bare folder only) give its schedule
+    and `class_names` name its classes; its scheduler config's settings are the default `recommended`.
 
     out: the .onnx path (default models/<run-folder-name>[-fp16|-int8].onnx).
     recommended: {"sampler": "ddpm|ddim|dpmpp", "steps": n, "guidance": g} (JSON or dict) for mdx-sample.
@@ -470,8 +511,8 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: in
     log: Callable[[str], None] = print if verbose else (lambda _msg: None)
     t_start = time.perf_counter()
     check_options(precision, weights, opset, int8_activations, calibration_data)
-    ckpt = _load(path, weights)
-    rec = parse_recommended(recommended, ckpt.schedule)
+    ckpt, source_recommended = _load(path, weights, schedule_options, class_names, log)
+    rec = parse_recommended(recommended if recommended is not None else source_recommended, ckpt.schedule)
     out = Path(out) if out is not None else default_output(path, precision)
     _log_source(ckpt, path, out, log)
     calib = _calibration(ckpt, calibration_data) if precision == "int8" else None  # bad data fails early

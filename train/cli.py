@@ -1,4 +1,4 @@
-"""`mdx-train`: train the class-conditional ContextUnet (also `python -m mdx.train`, torchrun-ready)."""
+"""`mdx-train`: train a class-conditional ContextUnet or UNet2DModel (also `python -m mdx.train`, torchrun-ready)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,19 @@ from mdx.train.errors import TrainError
 
 TRAIN_EXTRA_HINT = "mdx-train needs the training extra: pip install 'microdiffusion[train]'"
 INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume)"
+
+
+def int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """'32,64,128' -> (32, 64, 128); 'none' or '' -> () (e.g. no attention); None stays None
+    (the option was not given: TrainConfig's default holds, so it is written down once)."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
 @click.command(cls=one_line_command("mdx-train", (TrainError, WriteError), interrupted=INTERRUPTED),
@@ -38,7 +51,16 @@ INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume)
 @click.option("--cond-drop", default=0.1, show_default=True, type=float,
               help="Probability of dropping the class (classifier-free guidance training).")
 @click.option("--ema-decay", default=0.999, show_default=True, type=float)
-@click.option("--n-feat", default=64, show_default=True, type=int, help="Network width F.")
+@click.option("--arch", default="contextunet", show_default=True, type=click.Choice(["contextunet", "unet2d"]),
+              help="The network: the course's ContextUnet (width --n-feat) or diffusers' UNet2DModel (--unet-*).")
+@click.option("--n-feat", default=64, show_default=True, type=int, help="contextunet: network width F.")
+@click.option("--unet-channels", default=None, callback=int_list, metavar="C1,C2,...",
+              help="unet2d: channels per resolution level (the last does not downsample) [default: 32,64,128].")
+@click.option("--unet-layers", default=None, type=int, help="unet2d: ResNet layers per down block [default: 1].")
+@click.option("--unet-attention", default=None, callback=int_list, metavar="LEVELS|none",
+              help="unet2d: levels (0 = full resolution) whose blocks have self-attention [default: 1,2].")
+@click.option("--unet-norm-groups", default=None, type=int, help="unet2d: GroupNorm groups [default: 8].")
+@click.option("--unet-head-dim", default=None, type=int, help="unet2d: channels per attention head [default: 32].")
 @click.option("--hflip/--no-hflip", default=True, show_default=True, help="Random horizontal flips.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -57,7 +79,7 @@ INTERRUPTED = "interrupted; the last checkpoint is intact (resume with --resume)
                    "weights file (same network, schedule and classes), with a fresh optimiser and LR schedule.")
 @click.option("--telemetry", is_flag=True, help="Record GPU (NVML) or CPU/RSS figures to telemetry.csv/.png.")
 def main(**opts) -> None:
-    """Train a class-conditional diffusion model (the course's ContextUnet).
+    """Train a class-conditional diffusion model (the course's ContextUnet or diffusers' UNet2DModel).
 
     Writes config.json, checkpoint/ (safetensors), metrics.jsonl and samples/ in --out.
     Several processes: torchrun --nproc_per_node=N -m mdx.train [OPTIONS].
@@ -70,6 +92,7 @@ def main(**opts) -> None:
     from mdx.train.trainer import TrainConfig, train
 
     resume = opts.pop("resume")
+    opts = {k: v for k, v in opts.items() if v is not None or not k.startswith("unet_")}
     train(TrainConfig(**opts), resume=resume, log=lambda m: click.echo(m, err=True))
 
 

@@ -28,12 +28,13 @@ from torchvision.transforms import v2
 
 from mdx.runtime.contract import PREDICTION_TYPES
 from mdx.runtime.fileio import WriteError, append_line, atomic_write, write_error, write_text
-from mdx.runtime.images import make_grid, to_uint8
+from mdx.runtime.images import make_grid, to_float, to_uint8
 from mdx.runtime.schedules import SCHEDULES, Schedule, ScheduleError
 from mdx.train import checkpoint as ckpt
 from mdx.train.errors import TrainError
 from mdx.train.data import DataError, ImageData, load_data
 from mdx.train.model import ContextUnet, ModelConfig, count_parameters
+from mdx.train.unet2d import ARCHITECTURES, DEFAULT_ARCHITECTURE, UNet2DConfig, build_network
 from mdx.train.reference import sample_reference
 
 
@@ -71,6 +72,12 @@ class TrainConfig:
     threads: int | None = None
     class_balance: float = 0.0     # sampling weight of an image = (1 / its class's count) ** class_balance
     init_from: str | None = None   # fine-tune: start model and EMA from this run/checkpoint's weights
+    arch: str = DEFAULT_ARCHITECTURE  # contextunet (the course's network, n_feat) or unet2d (diffusers' UNet2DModel)
+    unet_channels: tuple[int, ...] = UNet2DConfig.block_out_channels  # unet2d: channels per resolution level
+    unet_layers: int = UNet2DConfig.layers_per_block  # unet2d: ResNet layers per down block (up blocks: + 1)
+    unet_attention: tuple[int, ...] = UNet2DConfig.attention_levels  # unet2d: levels with self-attention
+    unet_norm_groups: int = UNet2DConfig.norm_num_groups  # unet2d: GroupNorm groups
+    unet_head_dim: int = UNet2DConfig.attention_head_dim  # unet2d: channels per attention head
 
     def validate(self) -> None:
         """Raise TrainError for an option no run could use."""
@@ -111,6 +118,21 @@ class TrainConfig:
             raise TrainError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TrainError("--device cuda asked for, but torch sees no CUDA device")
+        if self.arch not in ARCHITECTURES:
+            raise TrainError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.arch == "unet2d":
+            self.unet2d_config(in_channels=3, n_classes=1)  # the widths and levels, before any data is read
+
+    def unet2d_config(self, in_channels: int, n_classes: int) -> UNet2DConfig:
+        """The UNet2DModel the --unet-* options describe; TrainError naming a bad one."""
+        try:
+            return UNet2DConfig(in_channels=in_channels, n_classes=n_classes, image_size=self.image_size,
+                                num_train_timesteps=self.timesteps, block_out_channels=tuple(self.unet_channels),
+                                layers_per_block=self.unet_layers, attention_levels=tuple(self.unet_attention),
+                                norm_num_groups=self.unet_norm_groups, attention_head_dim=self.unet_head_dim)
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"--arch unet2d: {e} (options --unet-channels, --unet-layers, --unet-attention, "
+                             "--unet-norm-groups, --unet-head-dim)") from None
 
     def make_schedule(self) -> Schedule:
         try:
@@ -213,11 +235,13 @@ class ClassBalancedSampler:
         return iter(draws[self.rank::self.world].tolist())
 
 
-RUN_IDENTITY = ("model", "schedule", "class_names", "prediction_type")  # what weights only fit together
+RUN_IDENTITY = ("architecture", "model", "schedule", "class_names", "prediction_type")  # what weights only fit
 
 
 def first_difference(old: dict, new: dict) -> str | None:
-    """The first RUN_IDENTITY key on which two run configs differ, or None."""
+    """The first RUN_IDENTITY key on which two run configs differ, or None (a run from before
+    the unet2d architecture names none: it is a contextunet)."""
+    old = {"architecture": DEFAULT_ARCHITECTURE, **old}
     return next((key for key in RUN_IDENTITY if old.get(key) != new[key]), None)
 
 
@@ -273,7 +297,7 @@ class Run:
     images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1] on the device
     labels: torch.Tensor  # (N,) int64 on the device
     model: torch.nn.Module  # possibly DDP-wrapped
-    ema: ContextUnet
+    ema: torch.nn.Module  # ContextUnet or ContextUNet2D (cfg.arch)
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     device: str
@@ -295,7 +319,7 @@ class Run:
                                                 device=self.device)
 
     @property
-    def module(self) -> ContextUnet:
+    def module(self) -> torch.nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
 
     @property
@@ -394,18 +418,23 @@ def check_same_run(out: Path, run_config: dict) -> None:
                          f"({old.get(key)!r}, now {run_config[key]!r})")
 
 
-def model_config(cfg: TrainConfig, data: ImageData) -> ModelConfig:
+def model_config(cfg: TrainConfig, data: ImageData) -> ModelConfig | UNet2DConfig:
     """The network the options and the data describe."""
+    if cfg.arch == "unet2d":
+        return cfg.unet2d_config(in_channels=data.images.shape[-1], n_classes=len(data.class_names))
     return ModelConfig(in_channels=data.images.shape[-1], n_feat=cfg.n_feat, n_classes=len(data.class_names),
                        image_size=cfg.image_size, num_train_timesteps=cfg.timesteps)
 
 
-def build_networks(cfg: TrainConfig, mcfg: ModelConfig, run_config: dict, device: str, *, resume: bool,
-                   log: Callable[[str], None]) -> tuple[ContextUnet, ContextUnet]:
-    """The network and its EMA copy: the same seeded weights on every rank, or --init-from's."""
+def build_networks(cfg: TrainConfig, mcfg: ModelConfig | UNet2DConfig, run_config: dict, device: str, *,
+                   resume: bool, log: Callable[[str], None]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The network (--arch) and its EMA copy: the same seeded weights on every rank, or --init-from's."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = ContextUnet(mcfg).to(device)
-    ema = ContextUnet(mcfg).to(device)
+    try:
+        model = build_network(cfg.arch, mcfg).to(device)
+        ema = build_network(cfg.arch, mcfg).to(device)
+    except ValueError as e:  # diffusers missing for unet2d
+        raise TrainError(str(e)) from None
     if cfg.init_from and not resume:
         raw_state, ema_state, where = load_init_weights(cfg.init_from, run_config, device)
         model.load_state_dict(raw_state)
@@ -447,7 +476,7 @@ def resume_state(out: Path, model: ContextUnet, ema: ContextUnet, optimizer: tor
 
 def images_tensor(data: ImageData) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
-    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(to_float(data.images))
 
 
 def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Run:

@@ -171,11 +171,21 @@ class ContextUNet2D(nn.Module):
         return self.unet(sample, t, class_labels=labels, return_dict=False)[0]
 
 
+DIFFUSERS_HINT = "the unet2d architecture needs diffusers: pip install 'microdiffusion[train]'"
+
+
+def unet2d_class() -> type:
+    """diffusers' UNet2DModel; ValueError with the install hint when diffusers is missing."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ValueError(DIFFUSERS_HINT) from None
+    return UNet2DModel
+
+
 def build_unet2d(config: UNet2DConfig) -> ContextUNet2D:
     """A freshly initialised class-conditional UNet2DModel for mdx training."""
-    from diffusers import UNet2DModel
-
-    return ContextUNet2D(UNet2DModel(**config.diffusers_config()), config)
+    return ContextUNet2D(unet2d_class()(**config.diffusers_config()), config)
 
 
 # --- the registry the trainer, checkpoints and exporter choose from -----------------------------
@@ -218,3 +228,8 @@ def network_summary(model: nn.Module) -> str:
             f"{cfg.layers_per_block} layer(s) per block, attention at levels "
             f"{','.join(map(str, attention)) or 'none'}{' and the middle' if cfg.add_attention else ''}, "
             f"{conditioning}")
+
+
+def architecture_of(config: ModelConfig | UNet2DConfig) -> str:
+    """The registry name of a network config."""
+    return "unet2d" if isinstance(config, UNet2DConfig) else "contextunet"
