@@ -1,16 +1,19 @@
-"""The roofline figures: FLOPs of one network evaluation, the machine's fp32 matmul peak, shares.
+"""The roofline figures: FLOPs of one network evaluation, the machine's matmul roofs, shares.
 
 - FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on a batch-1
   forward pass (2 FLOPs per multiply-add; convolutions, transposed convolutions and the
   linear layers; the element-wise ops -- norms, GELU, adds -- are not counted, they are a
   few per cent of the total and do not run on the matrix units anyway). FLOPs are linear
   in the batch, so one count serves every batch size.
-- The peak is measured in the same run: the best per-call time of large square fp32 matrix
-  multiplies (1024^3 and 2048^3, preallocated outputs) in numpy, torch and ONNX Runtime, each
-  on the same thread count, and the best of the three is "the machine's fp32 matmul peak".
-  A convolution can beat it (MLAS's NCHWc conv kernels are better tuned on some CPUs than its
-  SGEMM); a share above 100% says the matmul was not the machine's best fp32 kernel. On a shared machine this is the
-  peak available at the time, which is the right denominator for figures taken then.
+- The roofs are measured in the same run, one per precision: the best per-call time of large
+  square matrix multiplies (1024^3 and 2048^3, preallocated outputs) on the same thread count.
+  fp32: torch, ONNX Runtime's CPU provider and OpenVINO f32; bf16 (only where the CPU has
+  native bf16): torch and OpenVINO bf16; int8: ONNX Runtime's MatMulInteger. numpy is not a
+  candidate (its OpenBLAS is slowed on purpose on some of these machines). Each record is held
+  to the roof of the precision it ran in (`peak_for`). A convolution can beat its roof
+  (MLAS's NCHWc conv kernels are better tuned on some CPUs than its SGEMM); a share above 100%
+  says the matmul was not the machine's best kernel. On a shared machine this is the peak
+  available at the time, which is the right denominator for figures taken then.
 - achieved GFLOP/s = FLOPs per image x batch / median seconds per call;
   peak share = achieved / peak.
 """
