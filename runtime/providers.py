@@ -26,6 +26,14 @@ was measured faster than the CPU provider, i.e. where the plugin offers a CPU de
 the CPU has AVX-512 (Xeon with AVX-512 and AMX: f32 2.2-2.5 ms against 2.6-2.8 ms at batch 1,
 141-180 ms against 176-216 ms at batch 128; bf16 37-60 ms); the CPU provider otherwise (AMD: the
 plugin offers no device; Intel with AVX2 only: not measured, so the known provider stays).
+
+Threads (CPU provider): with `threads` left unset, ONNX Runtime starts one intra-op thread per
+*physical* core and pins them (its threading documentation). On a VM whose vCPUs are SMT siblings
+(lscpu: "Thread(s) per core: 2") two vCPUs are one physical core, so it runs on one thread: the
+likely cause of the int8 kernels once seen using one of two threads. On the 2-core AMD EPYC (one
+thread per core) per-thread CPU times (/proc/self/task/*/stat) were equal within 10% for both
+threads in every setting tried (default, 2 threads, spinning off, torch's OpenMP pool started
+first), int8 and fp32 alike. Pass `threads` (`--threads N`) to use every vCPU regardless.
 """
 
 from __future__ import annotations
