@@ -27,7 +27,7 @@ the CPU has AVX-512 (Xeon with AVX-512 and AMX: f32 2.2-2.5 ms against 2.6-2.8 m
 141-180 ms against 176-216 ms at batch 128; bf16 37-60 ms); the CPU provider otherwise (AMD: the
 plugin offers no device; Intel with AVX2 only: not measured, so the known provider stays).
 On the AMD EPYC (Zen 3, AVX2) OpenVINO's own runtime (2026.4.1, the plugin's, called directly
-since the plugin refuses the CPU) against the CPU provider, fp32, shipped model, time ratio in
+since the plugin refuses the CPU) against the CPU provider, fp32, shipped model, OpenVINO/CPU time in
 two interleaved runs on a loaded machine: batch 1 1.96/1.22, 8 0.84/0.66, 32 0.90/0.83, 128
 0.92/1.16: no consistent win, so nothing to gain there even without the vendor check.
 
