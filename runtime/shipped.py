@@ -7,9 +7,10 @@ site-packages/mdx/models, in an editable install in the repository's `models/` i
 is one copy in git.
 
 The evaluator's real images are the emoji16 training set, `train/data/emoji16.npz`, which
-ships as package data of `mdx.train`. The runtime never imports `mdx.train` (it needs torch);
-it only asks the import system where that package lies (`importlib.util.find_spec` locates a
-package without running it) and reads the file from there.
+ships as package data of `mdx.train`. `mdx.models` and `mdx.train` are siblings in both
+layouts (site-packages/mdx/{models,train} in a wheel; the repository's models/ and train/,
+which an editable install maps), so the file is found beside the models folder: the runtime
+neither imports mdx.train (it needs torch) nor asks the import system about it.
 
     shipped_models()              # ('emoji16', 'emoji16-fp16', 'emoji16-int8')
     resolve_model("emoji16")      # a shipped model's name, or a path to a contract .onnx
@@ -20,7 +21,6 @@ package without running it) and reads the file from there.
 from __future__ import annotations
 
 import importlib.resources
-import importlib.util
 import os
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mdx.runtime.contract import ModelError
 MODELS_PACKAGE = "mdx.models"
 DEFAULT_MODEL = "emoji16"
 CLASSIFIER = "emoji16-classifier"  # mdx-eval's classifier: shipped with the models, not a diffusion model
-DATA_PACKAGE, REAL_DATA = "mdx.train", Path("data") / "emoji16.npz"
+REAL_DATA = Path("train") / "data" / "emoji16.npz"  # mdx.train's package data, relative to models/'s parent
 LOCAL_MODEL = Path("models") / f"{DEFAULT_MODEL}.onnx"  # where mdx-export's own models go, in the working folder
 
 
@@ -72,19 +72,9 @@ def classifier_path() -> Path:
 
 
 def real_data_path() -> Path:
-    """The emoji16 data set (mdx.train's package data), located without importing mdx.train."""
-    try:
-        spec = importlib.util.find_spec(DATA_PACKAGE)
-    except ModuleNotFoundError:
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        path = Path(folder) / REAL_DATA
-        if path.is_file():
-            return path
-    looked = ", ".join(str(Path(f) / REAL_DATA) for f in locations) or f"no {DATA_PACKAGE} package installed"
-    raise ShippedDataError(f"the emoji16 data set is not installed (looked for {looked}); "
-                           "pass the real images as an .npz (images, labels, class_names)")
+    """Where the emoji16 data set lies (beside the models; see the module docstring). Not
+    checked here: the evaluator reports a missing file with the path it looked at."""
+    return models_dir().parent / REAL_DATA
 
 
 # --- what a --model value means -------------------------------------------------------

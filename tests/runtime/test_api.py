@@ -131,10 +131,11 @@ def test_no_default_model(in_tmp, monkeypatch):
         shipped.resolve_model("emoji16")
 
 
-def test_missing_real_data_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(shipped, "DATA_PACKAGE", "mdx.no_such_package")
-    with pytest.raises(shipped.ShippedDataError, match="the emoji16 data set is not installed"):
-        shipped.real_data_path()
+def test_real_data_is_the_training_set():
+    """mdx-eval's real images are mdx.train's package data, found beside the models."""
+    with np.load(shipped.real_data_path()) as data:
+        assert {"images", "labels", "class_names"} <= set(data.files)
+        assert [str(c) for c in data["class_names"]] == list(Pipeline.load("emoji16").class_names)
 
 
 # --- the API equals mdx-sample -------------------------------------------------------------
