@@ -149,18 +149,41 @@ def _print_summary(model: EmojiClassifier, report: dict, out: Path, parity: dict
 @click.option("--width", type=click.IntRange(min=4), default=ClassifierConfig.width, show_default=True,
               help="Channels of the first block; the feature layer has 4 * width dimensions.")
 @click.option("--balance-power", type=click.FloatRange(0, 1), default=ClassifierConfig.balance_power,
-              show_default=True, help="Class weights (1 / frequency) ** power: 0 none, 1 fully balanced.")
+              show_default=True, help="Class weights in the loss, (1 / frequency) ** power: 0 none, 1 fully balanced.")
+@click.option("--class-balance", type=click.FloatRange(0, 1), default=ClassifierConfig.class_balance,
+              show_default=True, help="Class-balanced sampling: an image is drawn with weight (1 / class size) "
+              "** power (0: each image once per epoch; 1: every class alike). Combine with --balance-power 0.")
+@click.option("--max-shift", type=click.IntRange(0, 8), default=ClassifierConfig.max_shift, show_default=True,
+              help="Augmentation: random translations of up to this many pixels (0: none).")
+@click.option("--cutout", type=click.IntRange(0, 16), default=ClassifierConfig.cutout, show_default=True,
+              help="Augmentation: side of the white square painted over half the images (0: none).")
+@click.option("--flip/--no-flip", default=ClassifierConfig.flip, show_default=True,
+              help="Augmentation: random horizontal flips.")
 @click.option("--threads", type=click.IntRange(min=1), default=ClassifierConfig.threads, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
-def main(epochs, seed, width, balance_power, threads, out):
+def main(epochs, seed, width, balance_power, class_balance, max_shift, cutout, flip, threads, out):
     """Train the emoji16 classifier used by mdx-eval and export it to ONNX."""
-    cfg = ClassifierConfig(epochs=epochs, seed=seed, width=width, balance_power=balance_power, threads=threads)
-    command = "python -m mdx.export.classifier " + " ".join(
-        shlex.quote(a) for a in ["--epochs", str(epochs), "--seed", str(seed), "--width", str(width),
-                                 "--balance-power", str(balance_power)])
+    cfg = ClassifierConfig(epochs=epochs, seed=seed, width=width, balance_power=balance_power,
+                           class_balance=class_balance, max_shift=max_shift, cutout=cutout, flip=flip,
+                           threads=threads)
     model, report = train_classifier(cfg)
-    parity = export_classifier(model, cfg, report, out, command)
+    parity = export_classifier(model, cfg, report, out, training_command(cfg))
     _print_summary(model, report, out, parity)
+
+
+def training_command(cfg: ClassifierConfig) -> str:
+    """The command line that trains cfg again (every option that changes the weights; not --threads, --out)."""
+    args = ["--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--width", str(cfg.width),
+            "--balance-power", str(cfg.balance_power)]
+    # The options added later are written only when not at their defaults, so an older file's
+    # command and a new one that trains the same model read alike.
+    defaults = ClassifierConfig()
+    for flag, name in (("--class-balance", "class_balance"), ("--max-shift", "max_shift"), ("--cutout", "cutout")):
+        if getattr(cfg, name) != getattr(defaults, name):
+            args += [flag, str(getattr(cfg, name))]
+    if not cfg.flip:
+        args.append("--no-flip")
+    return "python -m mdx.export.classifier " + " ".join(shlex.quote(a) for a in args)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ class ClassifierConfig:
     label_smoothing: float = 0.05
     width: int = 32                # channels of the first block; features are 4 * width
     balance_power: float = 0.5     # class weight = (1 / frequency) ** balance_power
+    class_balance: float = 0.0     # sampling: an image is drawn with weight (1 / class size) ** class_balance
     max_shift: int = 2             # translation augmentation, pixels
     cutout: int = 4                # side of the white square painted over half the images
+    flip: bool = True              # random horizontal flips
     threads: int = 1
 
 
@@ -92,12 +94,13 @@ def to_model_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(to_float(images))
 
 
-def augment(x: torch.Tensor, max_shift: int, g: torch.Generator, cutout: int = 0) -> torch.Tensor:
-    """Per-image random horizontal flip, translation by up to max_shift pixels (edges replicated),
-    and, for half the images, a cutout x cutout square painted white (the emoji background)."""
+def augment(x: torch.Tensor, max_shift: int, g: torch.Generator, cutout: int = 0, flip: bool = True) -> torch.Tensor:
+    """Per-image random horizontal flip (if flip), translation by up to max_shift pixels (edges
+    replicated), and, for half the images, a cutout x cutout square painted white (the emoji background)."""
     B, C, H, W = x.shape
-    flip = torch.rand(B, generator=g) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    flipped = torch.rand(B, generator=g) < 0.5  # drawn even when unused: the same stream either way
+    if flip:
+        x = torch.where(flipped[:, None, None, None], x.flip(3), x)
     if max_shift > 0:
         s = max_shift
         padded = F.pad(x, (s, s, s, s), mode="replicate")  # (B, C, H + 2s, W + 2s)
@@ -124,6 +127,18 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float) -> torch.T
     weights = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** power, 0.0)
     weights /= (weights[labels]).mean()
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def epoch_order(labels: np.ndarray, num_classes: int, power: float, g: torch.Generator) -> torch.Tensor:
+    """The training images of one epoch, as indices: a permutation when power is 0, else
+    len(labels) draws with replacement, image i weighted (1 / size of its class) ** power, so a
+    class's share of the draws is proportional to size ** (1 - power) (1: every class alike;
+    the same rule as mdx-train's --class-balance)."""
+    if power == 0:
+        return torch.randperm(len(labels), generator=g)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = torch.from_numpy(counts[labels] ** -power)
+    return torch.multinomial(weights, len(labels), replacement=True, generator=g)
 
 
 # --- training and measuring -----------------------------------------------------------------
@@ -175,11 +190,11 @@ def train_classifier(cfg: ClassifierConfig, log=_log) -> tuple[EmojiClassifier, 
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(train_idx), generator=g)
+        order = epoch_order(data.labels[train_idx], K, cfg.class_balance, g)
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            x = augment(x_train[idx], cfg.max_shift, g, cfg.cutout)
+            x = augment(x_train[idx], cfg.max_shift, g, cfg.cutout, cfg.flip)
             logits, _ = model(x)
             loss = F.cross_entropy(logits, y_train[idx], weight=weights, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -64,3 +64,28 @@ def test_a_write_that_fails_leaves_the_old_file(exported, tmp_path, monkeypatch)
     with pytest.raises(WriteError, match=f"cannot write {out}: No space left on device"):
         export_clf.export_classifier(model, cfg, fake_report(), out, "cmd")
     assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["clf.onnx"]
+
+
+def test_training_command_names_every_option_away_from_its_default():
+    assert export_clf.training_command(ClassifierConfig()) == (
+        "python -m mdx.export.classifier --epochs 60 --seed 0 --width 32 --balance-power 0.5")
+    cfg = ClassifierConfig(epochs=40, width=48, balance_power=0.0, class_balance=1.0, cutout=0, flip=False, threads=2)
+    assert export_clf.training_command(cfg) == (
+        "python -m mdx.export.classifier --epochs 40 --seed 0 --width 48 --balance-power 0.0 "
+        "--class-balance 1.0 --cutout 0 --no-flip")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class-balance", "1.5"], "--class-balance"),
+    (["--balance-power", "-1"], "--balance-power"),
+    (["--max-shift", "9"], "--max-shift"),
+    (["--cutout", "x"], "--cutout"),
+    (["--width", "2"], "--width"),
+])
+def test_bad_options_end_in_one_line(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    out = tmp_path / "clf.onnx"
+    result = CliRunner().invoke(export_clf.main, args + ["--out", str(out)])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists()

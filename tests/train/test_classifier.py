@@ -75,3 +75,30 @@ def test_shipped_classifier_records_how_it_was_trained():
     report = json.loads(meta["mdx.classifier.holdout_report"])
     assert report["accuracy"] == pytest.approx(float(meta["mdx.classifier.holdout_accuracy"]), abs=1e-4)
     assert sum(report["counts"].values()) == json.loads(meta["mdx.classifier.split"])["holdout"] == 1512
+
+
+def test_epoch_order_is_a_permutation_without_class_balance():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    order = clf.epoch_order(labels, 3, 0.0, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(100))
+
+
+def test_epoch_order_balances_the_classes():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    g = torch.Generator().manual_seed(0)
+    draws = np.concatenate([labels[clf.epoch_order(labels, 3, 1.0, g).numpy()] for _ in range(20)])
+    shares = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.02)  # every class alike
+    half = labels[clf.epoch_order(labels, 3, 0.5, g).numpy()]
+    want = np.sqrt([900, 90, 10]) / np.sqrt([900, 90, 10]).sum()  # share ~ sqrt(class size)
+    np.testing.assert_allclose(np.bincount(half, minlength=3) / len(half), want, atol=0.03)
+    assert len(half) == len(labels)
+
+
+def test_augment_without_flips_keeps_the_orientation():
+    x = torch.randn(32, 3, 16, 16)
+    assert torch.equal(clf.augment(x, 0, torch.Generator().manual_seed(0), flip=False), x)
+    # The flip draw is made either way, so the rest of the stream does not move.
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    clf.augment(x, 2, a, flip=True), clf.augment(x, 2, b, flip=False)
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
