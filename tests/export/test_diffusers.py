@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from mdx.export.cli import main as export_main
-from mdx.export.diffusers_import import UNCONDITIONAL_CLASS, DiffusersImportError, load_diffusers
+from mdx.export.diffusers_import import UNCONDITIONAL_CLASS, DiffusersImportError, ScheduleOptions, load_diffusers
 from mdx.runtime.pipeline import build_context, generate
 from mdx.runtime.session import OnnxDenoiser
 
@@ -201,10 +201,8 @@ def test_bare_unet_folder_takes_the_schedule_from_options(conditional, tmp_path)
     _, folder, _ = conditional
     model = load_diffusers(folder / "unet")  # DDPMScheduler's defaults
     assert model.schedule.to_dict()["num_train_timesteps"] == 1000 and model.recommended is None
-    from mdx.export.diffusers_import import ScheduleOptions
-
-    model = load_diffusers(folder / "unet", ScheduleOptions(kind="quadratic", timesteps=T, prediction_type="v_prediction"),
-                           class_names=["a", "b", "c"])
+    options = ScheduleOptions(kind="quadratic", timesteps=T, prediction_type="v_prediction")
+    model = load_diffusers(folder / "unet", options, class_names=["a", "b", "c"])
     assert (model.schedule.kind, model.schedule.num_train_timesteps, model.prediction_type) == ("quadratic", T,
                                                                                                 "v_prediction")
     assert model.class_names == ["a", "b", "c"]
@@ -307,11 +305,24 @@ def test_bad_folder_is_one_line_exit_2(case, conditional, tmp_path):
     assert not out_dir.exists()  # nothing written, not even the folder
 
 
-def test_schedule_options_on_a_pipeline_are_refused(conditional, tmp_path):
+@pytest.mark.parametrize(("where", "options", "fragment"), [
+    ("", ["--schedule", "cosine"], "bare UNet folder only"),
+    ("unet", ["--classes", "a,b"], "give 3 distinct class names"),
+    ("unet", ["--timesteps", "1"], "timesteps must be an integer >= 2"),
+    ("unet", ["--beta-start", "0.5", "--beta-end", "0.1"], "beta_start"),
+])
+def test_bad_options_for_a_diffusers_folder(conditional, tmp_path, where, options, fragment):
     _, folder, _ = conditional
-    result = export(folder, tmp_path / "m.onnx", "--schedule", "cosine")
-    assert_one_line(result, "bare UNet folder only")
+    result = export(folder / where if where else folder, tmp_path / "m.onnx", *options)
+    assert_one_line(result, fragment)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_diffusers_options_on_an_mdx_run_are_refused(tmp_path):
+    run = tmp_path / "run" / "checkpoint"
+    run.mkdir(parents=True)
+    result = export(tmp_path / "run", tmp_path / "m.onnx", "--timesteps", "50")
+    assert_one_line(result, "apply to a diffusers model folder only")
 
 
 def assert_one_line(result: Result, fragment: str) -> None:
