@@ -1,13 +1,18 @@
 """mdx-ui: sample an mdx model in the browser, a gradio app on ONNX Runtime and numpy (no torch).
 
     mdx-ui                                        # models/*.onnx on http://127.0.0.1:7860
-    mdx-ui --models-dir exported/ --port 8000 --max-batch 16 --concurrency 1
+    mdx-ui --models-dir exported/ --port 8000 --max-batch 16 --concurrency 8
 
 The page: a model picker over `<models-dir>/*.onnx` (diffusion models only: files without
 `mdx.format` metadata, such as a classifier, are left out), one checkbox per class (tick
 several to mix them, multi-hot, as `mdx-sample --class a --class b`; none cycles through all
 classes), the sampler, steps, guidance, eta, seed, batch size and provider. Generate shows the
 grid, the denoising animation (the predicted x_0 at each step) and the timings.
+
+Requests go to one batching engine per model and provider (mdx.runtime.engine), so concurrent
+browser users share every denoiser call; each user's images equal `mdx-sample`'s for the same
+settings and seed. `--concurrency` is how many requests the engine takes at once (the rest wait
+in gradio's queue).
 
 Every value is bounded twice: by its component in the page, and again by the handler
 (`Studio.generate`), since a client can post anything to the API. Errors a user can cause
@@ -25,12 +30,11 @@ import contextlib
 import math
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import click
 import numpy as np
@@ -40,10 +44,12 @@ import mdx.runtime
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 from mdx.runtime.contract import FALLBACK, FORMAT, ModelInfo, max_steps, read_metadata, resolve_settings
 from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
-from mdx.runtime.pipeline import PipelineError, build_context, generate
+from mdx.runtime.engine import EngineClosed, EngineConfig, EngineError, RequestTimeout
+from mdx.runtime.pipeline import PipelineError, build_context
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import ScheduleError
-from mdx.runtime.session import ModelError, OnnxDenoiser
+from mdx.runtime.serve import ModelRegistry
+from mdx.runtime.session import ModelError
 
 PROG = "mdx-ui"
 INSTALL_HINT = "pip install 'microdiffusion[ui]'"
@@ -52,7 +58,10 @@ MAX_SEED = 2**32 - 1
 GRID_PIXELS = 96  # each image is upscaled (nearest) to about this many pixels a side
 GIF_SCALE = 4
 KEEP_FILES_SECONDS = 15 * 60  # animations older than this are removed from the work folder
-USER_ERRORS = (ModelError, PipelineError, SamplerError, ScheduleError, OutputError)
+USER_ERRORS = (ModelError, PipelineError, SamplerError, ScheduleError, OutputError, EngineError, RequestTimeout,
+               EngineClosed)
+ENGINE_ROWS = 64  # rows per denoiser call; a larger request spreads its steps over several calls
+REQUEST_TIMEOUT_S = 600.0
 
 
 class UiError(ValueError):
@@ -97,47 +106,6 @@ def provider_choices() -> list[str]:
     from mdx.runtime.providers import OPENVINO, openvino_installed
 
     return ["auto", *ort.get_available_providers(), *([OPENVINO] if openvino_installed() else [])]
-
-
-# --- loaded models, reused across requests --------------------------------------------
-
-
-class DenoiserPool:
-    """Loaded models per (path, provider), reused across requests.
-
-    An OnnxDenoiser keeps one set of input/output buffers per batch size, so two requests
-    must not use the same one at the same time: each request takes an idle denoiser, or loads
-    another. The queue's concurrency limit bounds how many exist per key. A model file that
-    changes on disk (mtime or size) is loaded afresh.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: dict[tuple, list[OnnxDenoiser]] = {}
-
-    @contextlib.contextmanager
-    def use(self, path: Path, provider: str) -> Iterator[OnnxDenoiser]:
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise ModelError(f"model file {path} does not exist") from None
-        key = (str(path.resolve()), provider, stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            for stale in [k for k in self._idle if k[:2] == key[:2] and k != key]:
-                del self._idle[stale]
-            idle = self._idle.get(key)
-            denoiser = idle.pop() if idle else None
-        if denoiser is None:
-            denoiser = OnnxDenoiser.load(path, provider=provider)  # ModelError when it cannot
-        try:
-            yield denoiser
-        finally:
-            with self._lock:
-                self._idle.setdefault(key, []).append(denoiser)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._idle.values())
 
 
 # --- checks on request values ---------------------------------------------------------
@@ -218,12 +186,14 @@ class Studio:
     """The app's handlers as plain methods: tests and the gradio wiring call the same code."""
 
     def __init__(self, models_dir: str | Path, max_batch: int = 64, work_dir: Path | None = None,
-                 pool: DenoiserPool | None = None) -> None:
+                 engines: ModelRegistry | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise UiError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.models_dir = Path(models_dir)
         self.max_batch = max_batch
-        self.pool = pool or DenoiserPool()
+        # One engine per (model file, provider), loaded on first use and shared by every request.
+        self.engines = engines or ModelRegistry(self.models_dir, config=EngineConfig(
+            max_rows=ENGINE_ROWS, max_queue=256, timeout_s=REQUEST_TIMEOUT_S, max_images=max_batch))
         if work_dir is None:
             work_dir = Path(tempfile.mkdtemp(prefix="mdx-ui-"))
             atexit.register(shutil.rmtree, work_dir, True)
@@ -249,9 +219,9 @@ class Studio:
 
     def view(self, name, provider="auto") -> ModelView:
         path = self.model_path(name)
-        with self.pool.use(path, self.check_provider(provider)) as denoiser:
-            settings, notes = recommended_settings(denoiser.info)
-            return ModelView(denoiser.info, settings, tuple(notes))
+        info = self.engines.engine_for(path, self.check_provider(provider)).info
+        settings, notes = recommended_settings(info)
+        return ModelView(info, settings, tuple(notes))
 
     def _prune(self) -> None:
         cutoff = time.time() - KEEP_FILES_SECONDS
@@ -280,14 +250,14 @@ class Studio:
         path = self.model_path(model)
         provider = self.check_provider(provider)
 
-        with self.pool.use(path, provider) as denoiser:
-            info = denoiser.info
-            T = info.schedule.num_train_timesteps
-            steps = _int_in(f"steps (for {sampler} on this model with T = {T})", steps, 1, max_steps(sampler, T))
-            context, labels = build_context(info.class_names, list(classes), False, n)
-            result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
-                              eta=eta if sampler == "ddim" else 0.0, seed=seed, record_x0=True, progress=progress)
-            running, notes = f"{denoiser.provider} ({denoiser.compute_precision})", list(denoiser.notes)
+        engine = self.engines.engine_for(path, provider)
+        info, denoiser = engine.info, engine.denoiser
+        T = info.schedule.num_train_timesteps
+        steps = _int_in(f"steps (for {sampler} on this model with T = {T})", steps, 1, max_steps(sampler, T))
+        context, labels = build_context(info.class_names, list(classes), False, n)
+        result = engine.generate(context=context, sampler=sampler, steps=steps, guidance=guidance,
+                                 eta=eta if sampler == "ddim" else 0.0, seed=seed, record_x0=True, progress=progress)
+        running, notes = f"{denoiser.provider} ({denoiser.compute_precision})", list(denoiser.notes)
 
         columns = grid_columns(n, None if classes else info.num_classes)
         scale = max(1, GRID_PIXELS // info.image_size)
@@ -427,9 +397,9 @@ def _wire(app, h: dict, c: dict, out: dict, api: dict) -> None:
                         api_name="generate")
 
 
-def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2, max_queue: int = 32,
+def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 8, max_queue: int = 32,
               studio: Studio | None = None):
-    """The gradio Blocks app, queued with `concurrency` requests at a time; launch it with
+    """The gradio Blocks app, `concurrency` requests at a time in the engine; launch it with
     `app.launch(server_name=..., server_port=...)`.
 
     API (gradio_client): `/generate` (model file name, list of class names, sampler, steps,
@@ -469,8 +439,9 @@ def build_app(models_dir: str | Path, max_batch: int = 64, concurrency: int = 2,
 @click.option("--share", is_flag=True, help="Also open a public *.gradio.live link (off unless given).")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Largest batch size a request may ask for.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Requests sampled at the same time; the rest wait in the queue.")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests sampled at the same time (they share batched denoiser calls); the rest wait "
+                   "in the queue.")
 def main(models_dir: Path | None, host: str, port: int, share: bool, max_batch: int, concurrency: int) -> None:
     """Sample mdx models in the browser (gradio on ONNX Runtime, no torch)."""
     try:

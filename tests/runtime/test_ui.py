@@ -220,14 +220,28 @@ def test_unusable_recommendations_fall_back_with_a_note(tmp_path):
     assert dpm.notes == ("mdx.recommended steps 50 ignored: not an integer in 1..49",)
 
 
-def test_pool_reuses_loaded_models(studio):
+def test_requests_share_one_engine_per_model_and_provider(studio):
+    """Concurrent users submit to the same batching engine; each gets mdx-sample's images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mdx.runtime.images import grid_columns, make_grid, to_uint8
+    from mdx.runtime.pipeline import build_context, generate
+    from mdx.runtime.session import OnnxDenoiser
+
     path = studio.models_dir / "tiny.onnx"
-    with studio.pool.use(path, "auto") as first:
-        pass
-    with studio.pool.use(path, "auto") as again:
-        assert again is first
-        with studio.pool.use(path, "auto") as concurrent:  # in use: another is loaded, not shared
-            assert concurrent is not first
+    engine = studio.engines.engine_for(path, "auto")
+    assert studio.engines.engine_for(path, "auto") is engine
+    before = engine.stats().requests["ok"]
+    settings = [{**GOOD, "seed": seed, "sampler": "ddpm", "steps": 20, "guidance": 3.0} for seed in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda s: studio.generate(**s), settings))
+    assert engine.stats().requests["ok"] == before + 3
+    alone = OnnxDenoiser.load(path)
+    for s, r in zip(settings, results):
+        context, _ = build_context(alone.info.class_names, s["classes"], False, s["batch"])
+        want = generate(alone, sampler="ddpm", steps=20, context=context, guidance=3.0, seed=s["seed"]).samples
+        grid = make_grid(to_uint8(want), grid_columns(s["batch"]), ui.GRID_PIXELS // 16)
+        assert np.array_equal(r.grid, grid)
 
 
 # --- the app through gradio_client ----------------------------------------------------
