@@ -3,7 +3,11 @@
     mdx-sample                                     # the shipped model, one grid of every class
     mdx-sample --class food --guidance 3 -n 16 --out food.png
     mdx-sample --sampler ddpm --steps 500 --gif denoise.gif
+    mdx-sample --model emoji16-int8 -n 64          # a shipped model by name (or a path to any .onnx)
     mdx-sample --model foreign.onnx --timesteps 1000 --classes 10 --out samples.npz
+
+A thin layer over the Python API (`mdx.runtime.Pipeline`): the same settings give the same
+images from the command line and from Python.
 
 Errors a user can cause (bad options, a missing or unusable model, an unwritable output)
 end in one line `mdx-sample: error: ...` and exit code 2, with nothing written.
@@ -11,7 +15,6 @@ end in one line `mdx-sample: error: ...` and exit code 2, with nothing written.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -21,19 +24,18 @@ import click
 
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 
-import mdx.runtime
-from mdx.runtime.contract import PREDICTION_TYPES, resolve_settings
-from mdx.runtime.images import (OutputError, WriteError, check_writable, grid_columns, output_kind, save_folder,
-                                save_gif, save_grid_png, save_npz)
+from mdx.runtime import shipped
+from mdx.runtime.api import Output, Pipeline, Request
+from mdx.runtime.contract import PREDICTION_TYPES
+from mdx.runtime.images import OutputError, WriteError, check_writable, output_kind
 from mdx.runtime.providers import COMPUTE_PRECISIONS
-from mdx.runtime.pipeline import PipelineError, build_context, generate, prepare_sampler
+from mdx.runtime.pipeline import PipelineError
 from mdx.runtime.samplers import SAMPLERS, SamplerError
 from mdx.runtime.schedules import SCHEDULES, ScheduleError
-from mdx.runtime.session import ModelError, OnnxDenoiser
+from mdx.runtime.session import ModelError
 
 PROG = "mdx-sample"
-DEFAULT_MODEL_NAME = Path("models") / "emoji16.onnx"
-MAX_DEFAULT_N = 64
+MAX_DEFAULT_N = 64  # as mdx.runtime.api: 2 images per class, at most this many
 USER_ERRORS = (ModelError, PipelineError, OutputError, WriteError, SamplerError, ScheduleError)
 
 
@@ -45,31 +47,13 @@ class UsageError(ValueError):
 
 
 def default_model_candidates() -> list[tuple[str, Path]]:
-    """Where the shipped model is looked for, in order: $MDX_MODEL, ./models, the repository's models/."""
-    repo_root = Path(mdx.runtime.__file__).resolve().parents[1]
-    found = []
-    if os.environ.get("MDX_MODEL"):
-        found.append(("$MDX_MODEL", Path(os.environ["MDX_MODEL"])))
-    found.append(("./models", Path.cwd() / DEFAULT_MODEL_NAME))
-    found.append(("the repository", repo_root / DEFAULT_MODEL_NAME))
-    return found
+    """Where the default model is looked for, in order: $MDX_MODEL, ./models, the shipped emoji16."""
+    return shipped.default_model_candidates()
 
 
 def find_model(model: str | None) -> Path:
-    if model is not None:
-        path = Path(model)
-        if not path.exists():
-            raise ModelError(f"model file {model} does not exist")
-        return path
-    candidates = default_model_candidates()
-    if os.environ.get("MDX_MODEL") and not candidates[0][1].exists():
-        raise ModelError(f"MDX_MODEL points to {candidates[0][1]}, which does not exist")
-    for _, path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(p) for _, p in candidates)
-    raise ModelError(f"no --model given and no default model found (looked for {looked}); pass --model FILE, "
-                     f"or train and export one: mdx-train, then mdx-export to {DEFAULT_MODEL_NAME} (see the README)")
+    """The model file for --model: a path, a shipped model's name, or (None) the default."""
+    return shipped.resolve_model(model)
 
 
 def parse_classes_option(text: str | None):
@@ -150,8 +134,8 @@ def check_options(*, n, steps, guidance, seed, scale, threads, classes, uncondit
     return kind
 
 
-def sample_with_telemetry(denoiser, telemetry: str | None, **generate_args):
-    """`generate`, with NVML telemetry recorded around it into `telemetry` (a CSV) when asked."""
+def sample_with_telemetry(pipe: Pipeline, request: Request, telemetry: str | None, **run_args) -> Output:
+    """`pipe.run(request)`, with NVML telemetry recorded around it into `telemetry` (a CSV) when asked."""
     recorder = None
     if telemetry is not None:
         from mdx.runtime.telemetry import start_telemetry
@@ -160,38 +144,34 @@ def sample_with_telemetry(denoiser, telemetry: str | None, **generate_args):
         if recorder is None:
             _info(f"{why_not}; {telemetry} not written")
     try:
-        result = generate(denoiser, **generate_args)
+        output = pipe.run(request, **run_args)
     finally:
         if recorder is not None:
             recorder.stop()  # writes the CSV atomically (WriteError if it cannot)
     if recorder is not None:
         _info(f"telemetry: {recorder.summary()}; wrote {telemetry}")
-    return result
+    return output
 
 
-def write_outputs(result, labels, class_names, *, kind: str, out: str, gif: str | None, scale: int,
-                  unlabelled: str) -> None:
+def write_outputs(output: Output, *, kind: str, out: str, gif: str | None, scale: int) -> None:
     """The samples to `out` (a grid, an npz or a folder) and the animation to `gif`, each atomically.
 
     When a later write fails, the outputs this run created are removed again, so a failed run
     leaves no new files behind (WriteError names the path that failed and why).
     """
-    n = len(labels)
-    columns = grid_columns(n, len(class_names))
+    n = len(output.labels)
     created = [Path(p) for p in (out, gif) if p is not None and not Path(p).exists()]
     try:
+        output.save(out, scale=scale)
         if kind == "png":
-            save_grid_png(result.samples, out, columns, scale)
-            _info(f"wrote {out} ({n} images, {columns} per row, scale {scale})")
+            _info(f"wrote {out} ({n} images, {output.columns} per row, scale {scale})")
         elif kind == "npz":
-            save_npz(result.samples, labels, out)
             _info(f"wrote {out} (images, labels, samples for {n} images)")
         else:
-            save_folder(result.samples, labels, class_names, out, unlabelled=unlabelled)
             _info(f"wrote {n} PNGs to {out}")
         if gif is not None:
-            save_gif(result.x0_frames, result.samples, gif, columns, scale)
-            _info(f"wrote {gif} ({len(result.x0_frames)} steps)")
+            output.save_gif(gif, scale=scale)
+            _info(f"wrote {gif} ({len(output.x0_frames)} steps)")
     except BaseException:
         for path in created:
             if path.is_dir():
@@ -205,8 +185,9 @@ def write_outputs(result, labels, class_names, *, kind: str, out: str, gif: str 
 
 
 @click.command(cls=one_line_command(PROG, (UsageError, *USER_ERRORS)), context_settings=CONTEXT_SETTINGS)
-@click.option("--model", metavar="FILE", default=None,
-              help="ONNX model (default: $MDX_MODEL, ./models/emoji16.onnx, then the repository's models/emoji16.onnx).")
+@click.option("--model", metavar="FILE|NAME", default=None,
+              help="An mdx ONNX file, or a shipped model's name (emoji16, emoji16-int8, emoji16-fp16); default: "
+                   "$MDX_MODEL, ./models/emoji16.onnx, then the shipped emoji16.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
               help="Sampler (default: the model's recommendation, else ddim).")
 @click.option("--steps", type=int, default=None, help="Sampling steps, 1..T (default: the model's recommendation, else 25).")
@@ -254,35 +235,23 @@ def main(model, sampler, steps, eta, guidance, classes, unconditional, seed, n, 
     overrides = {"timesteps": timesteps, "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end,
                  "classes": parse_classes_option(class_list), "image_size": image_size, "channels": channels,
                  "prediction_type": prediction_type}
-    path = find_model(model)
-    load_start = time.perf_counter()
-    denoiser = OnnxDenoiser.load(path, provider=provider, threads=threads, cuda_graph=cuda_graph,
-                                 compute_precision=compute_precision,
-                                 overrides={k: v for k, v in overrides.items() if v is not None})
-    load_seconds = time.perf_counter() - load_start
-    info = denoiser.info
-
+    pipe = Pipeline.load(model, provider=provider, threads=threads, cuda_graph=cuda_graph,
+                         compute_precision=compute_precision, overrides=overrides)
+    T = pipe.info.schedule.num_train_timesteps
+    if steps is not None and steps > T:
+        raise UsageError(f"--steps {steps} is more than the model's {T} training timesteps")
     # The command line, else the model's recommendation, else the fallback; checked before sampling.
-    settings = resolve_settings(info, sampler, steps, guidance)
-    T = info.schedule.num_train_timesteps
-    if settings.steps > T:
-        raise UsageError(f"--steps {settings.steps} is more than the model's {T} training timesteps")
-    n = n if n is not None else min(2 * info.num_classes, MAX_DEFAULT_N)
-    context, labels = build_context(info.class_names, list(classes), unconditional, n)
-    prepare_sampler(info, settings.sampler, settings.steps, eta, settings.sampler_options)
-
-    what = ("unconditional" if unconditional else
-            f"class {'+'.join(classes)}" if classes else f"all {info.num_classes} classes")
-    _info(f"{path.name}: {n} images, {what}, {settings.sampler} {settings.steps} steps, guidance "
-          f"{settings.guidance:g}, seed {seed}, on {denoiser.provider} ({denoiser.compute_precision}, "
-          f"loaded in {load_seconds:.2f} s)" + "".join(f"; {note}" for note in (*denoiser.notes, *settings.notes)))
-    result = sample_with_telemetry(denoiser, telemetry, sampler=settings.sampler, steps=settings.steps, n=n,
-                                   context=context, guidance=settings.guidance, eta=eta, seed=seed,
-                                   record_x0=gif is not None, progress=Progress("sampling"),
-                                   sampler_options=settings.sampler_options)
-    write_outputs(result, labels, info.class_names, kind=kind, out=out, gif=gif, scale=scale,
-                  unlabelled="uncond" if unconditional else "mix")
-    click.echo(summary_line(n, result.total_seconds, result.model_seconds, denoiser.provider))
+    request = pipe.request(list(classes), n=n, steps=steps, guidance=guidance, seed=seed, sampler=sampler, eta=eta,
+                           unconditional=unconditional)
+    s = request.settings
+    _info(f"{pipe.path.name}: {s.n} images, {s.classes}, {s.sampler} {s.steps} steps, guidance {s.guidance:g}, "
+          f"seed {seed}, on {pipe.provider} ({pipe.compute_precision}, loaded in {pipe.load_seconds:.2f} s)"
+          + "".join(f"; {note}" for note in (*pipe.notes, *s.notes)))
+    progress = Progress("sampling")
+    output = sample_with_telemetry(pipe, request, telemetry, record_x0=gif is not None,
+                                   callback=lambda done, total, _x0: progress(done, total))
+    write_outputs(output, kind=kind, out=out, gif=gif, scale=scale)
+    click.echo(summary_line(s.n, output.timings.total_seconds, output.timings.model_seconds, pipe.provider))
 
 
 if __name__ == "__main__":

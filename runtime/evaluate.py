@@ -48,8 +48,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from mdx.runtime import shipped
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
-from mdx.runtime.contract import resolve_settings
 from mdx.runtime.fileio import WriteError, write_text
 from mdx.runtime.images import to_float
 from mdx.runtime.metrics import (FLOOR_DRAWS, FLOOR_SEED, ClassMoments, EvalError, Gaussian,  # noqa: F401
@@ -58,9 +58,9 @@ from mdx.runtime.metrics import (FLOOR_DRAWS, FLOOR_SEED, ClassMoments, EvalErro
 from mdx.runtime.providers import COMPUTE_PRECISIONS
 from mdx.runtime.samplers import SAMPLERS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CLASSIFIER = REPO_ROOT / "models" / "emoji16-classifier.onnx"
-DEFAULT_REAL = REPO_ROOT / "train" / "data" / "emoji16.npz"
+# Both ship in the wheel and are found through mdx.runtime.shipped, never through the checkout.
+DEFAULT_CLASSIFIER = shipped.classifier_path()  # with the models
+DEFAULT_REAL = shipped.real_data_path()  # the emoji16 data set
 PROG = "mdx-eval"
 
 
@@ -236,10 +236,11 @@ def score(images: np.ndarray, labels: np.ndarray, classifier: Classifier, real: 
 
 def open_model(model: str | Path, provider: str, threads: int | None, class_names: tuple[str, ...] | None,
                compute_precision: str = "auto"):
-    """The mdx ONNX model as an OnnxDenoiser; its classes must be the classifier's."""
-    from mdx.runtime.session import OnnxDenoiser
+    """The mdx ONNX model (a file or a shipped model's name) as an OnnxDenoiser; its classes must be
+    the classifier's."""
+    from mdx.runtime.api import Pipeline
 
-    denoiser = OnnxDenoiser.load(model, provider=provider, threads=threads, compute_precision=compute_precision)
+    denoiser = Pipeline.load(model, provider=provider, threads=threads, compute_precision=compute_precision).denoiser
     if class_names is not None and tuple(denoiser.info.class_names) != tuple(class_names):
         raise EvalError(f"{model} has classes {list(denoiser.info.class_names)}, but the classifier scores "
                         f"{list(class_names)}; mdx-eval scores emoji16 models")
@@ -250,27 +251,22 @@ def sample_with_model(model, *, sampler, steps, guidance, eta, seed, n, provider
                       threads: int | None = None, class_names: tuple[str, ...] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, dict]:
     """n images, image i of class i mod K, made exactly as `mdx-sample -n n --out X.npz` makes them
-    (the same defaults, one batch, uint8 rounding), so that both routes score the same.
+    (both go through mdx.runtime.Pipeline: the same defaults, one batch, uint8 rounding), so that
+    both routes score the same.
 
     model: an OnnxDenoiser, or a path opened with `provider` and `threads` (and checked to have
     `class_names`, when given). Returns uint8 (n, H, W, C) images, int64 labels and the settings.
     """
-    from mdx.runtime.images import to_uint8
-    from mdx.runtime.pipeline import build_context, generate
+    from mdx.runtime.api import Pipeline
 
     if isinstance(model, (str, Path)):
         model = open_model(model, provider, threads, class_names)
-    denoiser = model
-    info = denoiser.info
-    resolved = resolve_settings(info, sampler, steps, guidance)
-    sampler, steps, guidance = resolved.sampler, resolved.steps, resolved.guidance
-    context, labels = build_context(info.class_names, None, False, n)
-    result = generate(denoiser, sampler=sampler, steps=steps, n=n, context=context, guidance=guidance,
-                      eta=eta, seed=seed, sampler_options=resolved.sampler_options)
-    settings = {"model": str(info.path), "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
-                "seed": seed, "provider": denoiser.provider, "compute_precision": denoiser.compute_precision,
-                "sampling_seconds": round(result.total_seconds, 3)}
-    return to_uint8(result.samples), labels, settings
+    out = Pipeline(model)(None, n=n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed)
+    s = out.settings
+    settings = {"model": str(out.model), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+                "eta": s.eta, "seed": s.seed, "provider": out.provider, "compute_precision": out.compute_precision,
+                "sampling_seconds": round(out.timings.total_seconds, 3)}
+    return out.images, out.labels, settings
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -335,7 +331,9 @@ def check_options(ctx: click.Context, samples, model, n: int, threads: int | Non
 
 @click.command(cls=one_line_command(PROG, _user_errors), context_settings=CONTEXT_SETTINGS)
 @click.argument("samples", required=False, metavar="[SAMPLES.npz]")
-@click.option("--model", metavar="FILE", default=None, help="Sample this mdx ONNX model and score the samples.")
+@click.option("--model", metavar="FILE|NAME", default=None,
+              help="Sample this mdx ONNX model (a file, or a shipped model's name: emoji16, emoji16-int8, ...) "
+                   "and score the samples.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
               help="Sampler (default: the model's recommendation, else ddim).")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's recommendation, else 25).")
@@ -349,8 +347,8 @@ def check_options(ctx: click.Context, samples, model, n: int, threads: int | Non
 @click.option("--compute-precision", type=click.Choice(COMPUTE_PRECISIONS), default="auto", show_default=True,
               help="What OpenVINO computes in: auto = bf16 where the CPU has native bf16, else fp32.")
 @click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime.")
-@click.option("--classifier", metavar="FILE", default=None, help="Classifier ONNX [models/emoji16-classifier.onnx].")
-@click.option("--real", metavar="FILE.npz", default=None, help="Real images, labels, class_names [train/data/emoji16.npz].")
+@click.option("--classifier", metavar="FILE", default=None, help="Classifier ONNX [the shipped emoji16-classifier].")
+@click.option("--real", metavar="FILE.npz", default=None, help="Real images, labels, class_names [the shipped emoji16 data set].")
 @click.option("--json", "json_out", metavar="OUT", default=None, help="Also write the results as JSON.")
 def main(samples, model, sampler, steps, guidance, eta, seed, n, provider, compute_precision, threads, classifier,
          real, json_out):

@@ -40,7 +40,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-import mdx.runtime
+from mdx.runtime import shipped
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
 from mdx.runtime.contract import FALLBACK, FORMAT, ModelInfo, max_steps, read_metadata, resolve_settings
 from mdx.runtime.images import OutputError, grid_columns, make_grid, save_gif, to_uint8
@@ -72,11 +72,9 @@ class UiError(ValueError):
 
 
 def default_models_dir() -> Path:
-    """./models when it exists, else the repository's models/."""
+    """./models when it exists, else the shipped models (mdx.runtime.shipped: a wheel or the checkout)."""
     local = Path.cwd() / "models"
-    if local.is_dir():
-        return local
-    return Path(mdx.runtime.__file__).resolve().parents[1] / "models"
+    return local if local.is_dir() else shipped.models_dir()
 
 
 def list_models(models_dir: Path) -> list[str]:

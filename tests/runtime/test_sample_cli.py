@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import runtime_helpers as h
-from mdx.runtime import cli, images
+from mdx.runtime import api, cli, images
 from mdx.runtime.cli import main
 
 FAST = ["--threads", "1", "--steps", "4"]
@@ -310,7 +310,7 @@ def test_failed_gif_write_leaves_nothing(run, model_path, tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise images.OutputError("cannot write d.gif: No space left on device")
 
-    monkeypatch.setattr(cli, "save_gif", broken)
+    monkeypatch.setattr(api, "save_gif", broken)  # mdx-sample writes through Output.save_gif
     result = run("--model", model_path, *FAST, "-n", 2, "--out", "s.npz", "--gif", "d.gif")
     assert result.exit_code == 2
     # The samples had been written before the animation failed; a failed run removes what it created.
