@@ -14,6 +14,8 @@ start=$SECONDS
 step() { echo "wheel check: $* ($((SECONDS - start)) s)"; }
 quiet() { "$@" > "$work/log" 2>&1 || { cat "$work/log" >&2; echo "wheel check: failed: $*" >&2; exit 1; }; }
 
+# setuptools builds in build/ and packs whatever build/lib holds, stale files of an earlier build included
+rm -rf "$repo/build"
 python3.11 -m venv "$work/venv"
 py="$work/venv/bin/python"
 quiet "$py" -m pip wheel --no-deps -w "$work/dist" "$repo"  # in build isolation: checks build-system.requires
