@@ -29,11 +29,11 @@ from mdx.runtime.fileio import WriteError, write_text
 PROG = "mdx-bench"
 QUICK_BUDGET_S = 280.0  # the promise is 5 minutes; keep 20 s for writing the report
 FULL_BUDGET_S = 1740.0  # 29 minutes
-SUITES = ("forward", "sampling", "training", "quality")
+SUITES = ("forward", "sampling", "training", "quality", "serving")  # serving only when asked: 30 s per load
 # Share of the remaining budget each suite may use; they run forward, training (its own fixed
 # length), sampling, quality, so sampling and quality adapt to what is left.
-SHARES = {"quick": {"forward": 0.45, "sampling": 1.0, "quality": 1.0},
-          "full": {"forward": 0.3, "sampling": 0.6, "quality": 1.0}}
+SHARES = {"quick": {"forward": 0.45, "sampling": 1.0, "quality": 1.0, "serving": 1.0},
+          "full": {"forward": 0.3, "sampling": 0.6, "quality": 1.0, "serving": 1.0}}
 
 
 class BenchError(ValueError):
@@ -71,7 +71,7 @@ def prepare_out(out: Path) -> Path:
 
 def parse_suites(text: str | None, quick: bool) -> tuple[str, ...]:
     if text is None:
-        return SUITES[:3] if quick else SUITES
+        return SUITES[:3] if quick else SUITES[:4]
     chosen = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in chosen if s not in SUITES]
     if bad or not chosen:
@@ -343,6 +343,19 @@ class Bench:
             self.res.add([make_record("quality", "onnxruntime", "CPUExecutionProvider", "int8", n,
                                       skipped=f"no int8 sibling of {self.model.name} found")])
 
+    def serving(self) -> None:
+        """(e) the batching engine against one request at a time, 1-64 clients (benchmarks/serving.py)."""
+        from mdx.bench.records import make_record
+        from mdx.bench.serving import run_serving
+
+        _log("(e) serving")
+        if self.model is None:
+            self.res.add([make_record("serving", "onnxruntime", "CPUExecutionProvider", "fp32", None,
+                                      skipped="needs a trained model: pass --model (models/emoji16.onnx absent)")])
+            return
+        self.res.add(run_serving(self.model, quick=self.quick, threads=self.threads,
+                                 budget=self.sub_budget("serving"), log=_log))
+
     def profiles(self) -> None:
         """Profiles that explain the missed targets (a profiler failure must not lose the measurements)."""
         from mdx.bench.profile import explain
@@ -389,7 +402,7 @@ def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: 
     monitor = machine_mod.LoadMonitor().start()
     bench.setup_networks()
     bench.roofline()
-    for suite in ("forward", "training", "sampling", "quality"):  # training has its own fixed length
+    for suite in ("forward", "training", "sampling", "quality", "serving"):  # training has its own fixed length
         if suite in suites:
             getattr(bench, suite)()
     bench.profiles()
@@ -409,7 +422,8 @@ def run_all(*, quick: bool, device: str, model: Path | None, out: Path, suites: 
                    "[default: models/emoji16.onnx if present].")
 @click.option("--out", metavar="DIR", default=None, help="Output folder [default: benchmarks/results/<date>-<host>/].")
 @click.option("--suites", metavar="LIST", default=None,
-              help="Comma-separated subset of forward,sampling,training,quality [default: all; quick: no quality].")
+              help="Comma-separated subset of forward,sampling,training,quality,serving [default: all but serving; "
+                   "quick: no quality].")
 @click.option("--threads", type=int, default=None,
               help="torch threads = ONNX Runtime intra-op threads [default: the machine's cores].")
 @click.option("--time-budget", type=float, default=None, metavar="SECONDS",

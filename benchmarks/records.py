@@ -21,7 +21,7 @@ import math
 
 from mdx.bench.timing import Stats
 
-SUITES = ("forward", "sampling", "training", "quality")
+SUITES = ("forward", "sampling", "training", "quality", "serving")
 BACKENDS = ("torch", "onnxruntime")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "int8", "bf16", "amp")

@@ -430,6 +430,14 @@ def render_markdown(results: dict, plots: list[Path] = ()) -> str:
               "## (b) Sampling, CUDA", "", sampling_table(recs, cuda=True), "",
               "## (c) Training throughput", "", training_table(recs), "",
               "## (d) Quality (full suite)", "", quality_table(recs), ""]
+    if any(r.get("suite") == "serving" for r in recs):
+        from mdx.bench import serving
+
+        parts += ["## (e) Serving (--suites serving)", "",
+                  "Concurrent clients, each sending one request after another for the load's duration, at the "
+                  "model's recommended settings: the batching engine against one request at a time "
+                  "(generate() behind a lock), on the same provider; latencies include queueing.", "",
+                  serving.markdown(recs), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if notes:

@@ -210,7 +210,8 @@ def to_record(row: dict, provider: str, precision: str, settings) -> dict:
 
     rec = make_record("serving", "onnxruntime", provider, precision, row["request_images"], sampler=settings.sampler,
                       steps=settings.steps, guidance=settings.guidance, variant=row["mode"], **row)
-    rec.update(median_s=row["p50_s"], p90_s=row["p90_s"], images_per_s=row["images_per_s"])
+    if "skipped" not in row:
+        rec.update(median_s=row["p50_s"], p90_s=row["p90_s"], images_per_s=row["images_per_s"])
     return rec
 
 
@@ -296,10 +297,7 @@ def run_provider(path: Path, provider: str, loads: list[Load], *, threads: int |
     finally:
         engine.close()  # the denoiser is free again for the one-at-a-time side
     rows += _run_mode(SerialServer(denoiser, settings), loads, info.class_names, budget, log)
-    precision = info.precision
-    return [to_record(r, provider, precision, settings) if "skipped" not in r else
-            {**r, "suite": "serving", "backend": "onnxruntime", "provider": provider, "precision": precision}
-            for r in rows]
+    return [to_record(r, provider, info.precision, settings) for r in rows]
 
 
 def loads_for(clients, images, seconds: float) -> list[Load]:

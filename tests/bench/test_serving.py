@@ -26,8 +26,7 @@ def test_runs_engine_and_one_at_a_time_side_by_side(tiny):
                                   threads=1, max_rows=8, log=lambda m: None)
     assert len(records) == 8  # 2 modes x 2 clients x 2 image counts
     for rec in records:
-        problems = [p for p in check_record(rec) if not p.startswith("suite")]  # "serving" is a new suite
-        assert not problems, (problems, rec)
+        assert check_record(rec) == [], rec
         assert rec["requests"] >= 1 and not rec["errors"] and rec["provider"] == CPU
         assert rec["images_per_s"] == pytest.approx(rec["requests"] * rec["request_images"] / rec["wall_s"])
     engine = [r for r in records if r["mode"] == "engine" and r["clients"] == 3 and r["request_images"] == 2]
@@ -77,3 +76,12 @@ def test_cli_writes_results_and_rejects_bad_lists(tiny, tmp_path):
         assert r.exit_code == 2 and "comma-separated positive integers" in r.output
     r = CliRunner().invoke(command, ["--model", str(tmp_path / "missing.onnx")])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_loads_past_the_budget_are_skipped_records(tiny):
+    from mdx.bench.timing import Budget
+
+    records = serving.run_serving(tiny, quick=True, providers=["cpu"], clients=(1, 2), images=(1,), seconds=0.2,
+                                  threads=1, max_rows=4, budget=Budget(0.0), log=lambda m: None)
+    assert len(records) == 4 and all("time budget" in r["skipped"] and check_record(r) == [] for r in records)
+    assert "- skipped: CPUExecutionProvider engine 1x1: time budget" in serving.markdown(records)
