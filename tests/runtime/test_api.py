@@ -352,3 +352,18 @@ def test_request_checks_before_sampling_and_run_samples_it(pipe):
 def test_output_is_a_dataclass_of_arrays(pipe):
     out = pipe(n=1, steps=2)
     assert isinstance(out, Output) and out.images is out.images  # converted once
+
+
+# --- mdx-eval on the same lookup and the same sampling -------------------------------------
+
+
+def test_eval_uses_the_shipped_files_and_the_pipeline(pipe):
+    from mdx.runtime import evaluate
+
+    assert evaluate.DEFAULT_CLASSIFIER == shipped.classifier_path()
+    assert evaluate.DEFAULT_REAL == shipped.real_data_path()
+    images, labels, settings = evaluate.sample_with_model("emoji16", sampler=None, steps=2, guidance=None, eta=0.0,
+                                                          seed=3, n=9, provider="CPUExecutionProvider", threads=1)
+    out = pipe(n=9, steps=2, seed=3)
+    assert np.array_equal(images, out.images) and np.array_equal(labels, out.labels)
+    assert settings["sampler"] == out.settings.sampler and settings["model"].endswith("emoji16.onnx")
