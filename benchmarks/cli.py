@@ -80,13 +80,13 @@ def parse_suites(text: str | None, quick: bool) -> tuple[str, ...]:
 
 
 def check_model(model: str | None) -> Path | None:
-    """--model FILE must exist and load; without --model, models/emoji16.onnx if present."""
+    """--model FILE must exist and load; without --model, the shipped emoji16.onnx if present."""
     from mdx.runtime.session import ModelError, OnnxDenoiser
 
     if model is None:
-        import mdx.bench
+        from mdx.runtime.shipped import models_dir
 
-        default = Path(mdx.bench.__file__).resolve().parents[1] / "models" / "emoji16.onnx"
+        default = models_dir() / "emoji16.onnx"
         return default if default.is_file() else None
     path = Path(model)
     if not path.is_file():
