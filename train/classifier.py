@@ -10,7 +10,8 @@ Training uses the TRAIN part of a fixed split, `split_indices(N, 0.2, seed=0)` (
 the evaluator documents), so the held-out accuracy written into the model is measured on
 images the classifier never saw. emoji16 is very unbalanced (people is 60% of it,
 activities 2%), so the loss weights each class by (1 / frequency) ** balance_power (0.5 by
-default: rare classes are learned without sacrificing the common ones). The rare classes are
+default: rare classes are learned without sacrificing the common ones), or, with class_balance
+> 0 (`--class-balance`), the batches are drawn class-balanced instead. The rare classes are
 where it overfits (98% train vs 86% held-out accuracy with flips and shifts alone), hence:
 horizontal flips, translations of up to 2 pixels, a white 4x4 cutout on half the images,
 AdamW weight decay 0.05 and dropout before the last layer.
