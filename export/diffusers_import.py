@@ -43,7 +43,7 @@ UNCONDITIONAL_CLASS = "unconditional"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# diffusers' beta_schedule names -> mdx's schedule names (DESIGN.md's numerical conventions).
+# diffusers' beta_schedule names -> mdx's schedule names (docs/contract.md, numerical conventions).
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine",
                   "sigmoid": "sigmoid"}
 # The scheduler classes whose algorithm mdx implements -> the mdx sampler and a step count.
