@@ -277,19 +277,10 @@ def memory_specs(net, threads: int, batches, include_compile: bool) -> dict[str,
     return specs
 
 
-def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops: dict | float | None,
-                batches=BATCHES, repeats: int = 5, target_s: float = 0.1, compile_batches=BATCHES,
-                with_compile: bool = True, measure_memory: bool = True, budget=None, log=print,
-                shipped=None) -> list[dict]:
-    """Records of suite (a) on the CPU for `net` (and the `shipped` network's ONNX files, if given).
-
-    peak_gflops: the matmul roofs per precision (roofline.measure_matmul_peak's `peaks`), or one
-    fp32 figure; each record's peak_share is against the roof of the precision that ran."""
-    peaks = peak_gflops
-    peak_gflops = peak_for(peaks, "fp32")
-    import torch
-
-    torch.set_num_threads(threads)
+def _forward_backends(net, shipped, *, threads: int, batches, with_compile: bool, compile_batches, budget,
+                      log) -> tuple[list[Backend], list[dict], float | None]:
+    """Every backend of suite (a): torch at its best, ORT CPU per precision, the shipped files and
+    OpenVINO; plus the records of precisions with no export, and the shipped network's FLOP/image."""
     backends: list[Backend] = []
     skipped: list[dict] = []
     if net.torch_model is not None:
@@ -310,22 +301,88 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
             backends.append(onnx_backend(shipped, precision, threads, label=f"shipped {precision}"))
         shipped_flops = getattr(shipped, "flops_per_image", None)
     backends += openvino_backends(net, threads)  # the torch side's network: the headline compares like with like
+    return backends, skipped, shipped_flops
 
+
+def _forward_memory(net, shipped, *, threads: int, batches, budget, log) -> dict[str, dict]:
+    """Peak RSS of a fresh process per backend (skipped, with the reason, past the budget)."""
+    specs = memory_specs(net, threads, batches, include_compile=False)
+    if shipped is not None:
+        specs.update({f"shipped {p}": {"kind": "onnxruntime", "model": str(f), "threads": threads,
+                                       "batches": list(batches)} for p, f in shipped.onnx.items()})
     mem = {}
-    if measure_memory:
-        specs = memory_specs(net, threads, batches, include_compile=False)
-        if shipped is not None:
-            specs.update({f"shipped {p}": {"kind": "onnxruntime", "model": str(f), "threads": threads,
-                                           "batches": list(batches)} for p, f in shipped.onnx.items()})
-        for key, spec in specs.items():
-            if budget is not None and not budget.allows(30):
-                mem[key] = {"error": budget.reason("peak-RSS child", 30)}
-                continue
-            mem[key] = measure_peak_rss(spec)
-            log(f"  peak RSS {key}: " + (mem[key].get("error") or
-                                         ", ".join(f"b{b} {v:.0f} MB" for b, v in mem[key]["peak_rss_mb"].items())))
+    for key, spec in specs.items():
+        if budget is not None and not budget.allows(30):
+            mem[key] = {"error": budget.reason("peak-RSS child", 30)}
+            continue
+        mem[key] = measure_peak_rss(spec)
+        log(f"  peak RSS {key}: " + (mem[key].get("error") or
+                                     ", ".join(f"b{b} {v:.0f} MB" for b, v in mem[key]["peak_rss_mb"].items())))
+    return mem
 
-    records = list(skipped)
+
+def _forward_record(be: Backend, batch: int, st, *, threads: int, fpi: float | None, peaks, mem: dict) -> dict:
+    """One measured forward record: timing, GFLOP/s against the roof of its precision, memory."""
+    extra = {"variant": be.variant, "network": be.network, "threads": threads, **be.extra,
+             **be.per_batch.get(batch, {})}
+    if fpi:
+        g = achieved_gflops(fpi, batch, st.median_s)
+        roof = peak_for(peaks, be.precision)
+        extra.update(gflops=round(g, 2), peak_share=(round(peak_share(g, roof), 4) if roof else None),
+                     roof_gflops=roof, flops_per_image=fpi)
+    m = mem.get(be.key)
+    if m is not None:
+        if "error" in m:
+            extra["peak_mem_note"] = m["error"]
+        else:
+            extra["peak_mem_mb"] = round(m["peak_rss_mb"][str(batch)], 1)
+            extra["peak_mem_kind"] = "peak RSS (VmHWM) of a fresh process running only this backend"
+            extra["import_rss_mb"] = round(m.get("import_rss_mb", 0.0), 1)
+    elif be.variant == "compile":
+        extra["peak_mem_note"] = "not measured (a fresh process would recompile for every batch size)"
+    return make_record("forward", be.backend, be.provider, be.precision, batch, stats=st, **extra)
+
+
+def _skip_records(backends, batch: int, reason: str) -> list[dict]:
+    return [make_record("forward", be.backend, be.provider, be.precision, batch, skipped=reason,
+                        variant=be.variant, network=be.network) for be in backends]
+
+
+def _time_batch(live: list[Backend], batch: int, *, repeats: int, target_s: float) -> tuple[dict, list[dict]]:
+    """Interleaved medians of every live backend at `batch`; records for those that cannot run it."""
+    fns, number, records = {}, {}, []
+    for be in live:
+        try:
+            fns[be.key] = be.make(batch)
+        except SkipItem as e:
+            records += _skip_records([be], batch, str(e))
+    for fn in fns.values():
+        fn()  # warm-up (the first call of a session or a shape allocates and picks kernels)
+    for key, fn in fns.items():
+        number[key] = calibrate_number(fn, target_s)
+    # before: one untimed call right before each timed repeat (after the pause), see timing.py
+    stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=PAUSE_S).run(fns, number, before=fns)
+    return stats, records
+
+
+def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops: dict | float | None,
+                batches=BATCHES, repeats: int = 5, target_s: float = 0.1, compile_batches=BATCHES,
+                with_compile: bool = True, measure_memory: bool = True, budget=None, log=print,
+                shipped=None) -> list[dict]:
+    """Records of suite (a) on the CPU for `net` (and the `shipped` network's ONNX files, if given).
+
+    peak_gflops: the matmul roofs per precision (roofline.measure_matmul_peak's `peaks`), or one
+    fp32 figure; each record's peak_share is against the roof of the precision that ran."""
+    peaks = peak_gflops
+    fp32_peak = peak_for(peaks, "fp32")
+    import torch
+
+    torch.set_num_threads(threads)
+    backends, records, shipped_flops = _forward_backends(
+        net, shipped, threads=threads, batches=batches, with_compile=with_compile,
+        compile_batches=compile_batches, budget=budget, log=log)
+    mem = _forward_memory(net, shipped, threads=threads, batches=batches, budget=budget, log=log) \
+        if measure_memory else {}
     for be in backends:
         if be.skipped:
             records += [make_record("forward", be.backend, be.provider, be.precision, b, skipped=be.skipped,
@@ -335,51 +392,18 @@ def run_forward(net, *, threads: int, flops_per_image: float | None, peak_gflops
     order = [b for b in RUN_ORDER if b in batches] + [b for b in batches if b not in RUN_ORDER]
     for batch in order:
         expected = sum((repeats + 4) * max(target_s, _estimate_call(measured.get(be.key), batch,
-                                                                    flops_per_image, peak_gflops))
+                                                                    flops_per_image, fp32_peak))
                        for be in live)
         if budget is not None and not budget.allows(expected):
-            reason = budget.reason(f"forward batch {batch}", expected)
-            records += [make_record("forward", be.backend, be.provider, be.precision, batch, skipped=reason,
-                                    variant=be.variant, network=be.network) for be in live]
+            records += _skip_records(live, batch, budget.reason(f"forward batch {batch}", expected))
             continue
-        fns, number = {}, {}
+        stats, skipped_here = _time_batch(live, batch, repeats=repeats, target_s=target_s)
+        records += skipped_here
         for be in live:
-            try:
-                fns[be.key] = be.make(batch)
-            except SkipItem as e:
-                records.append(make_record("forward", be.backend, be.provider, be.precision, batch, skipped=str(e),
-                                           variant=be.variant, network=be.network))
-        for key, fn in fns.items():
-            fn()  # warm-up (the first call of a session or a shape allocates and picks kernels)
-        for key, fn in fns.items():
-            number[key] = calibrate_number(fn, target_s)
-        # before: one untimed call right before each timed repeat (after the pause), see timing.py
-        stats = InterleavedTimer(repeats=repeats, warmup=0, pause_s=PAUSE_S).run(fns, number, before=fns)
-        for be in live:
-            if be.key not in stats:
-                continue
-            st = stats[be.key]
-            measured[be.key] = (batch, st.median_s)
-            is_shipped = be.key.startswith("shipped")
-            fpi = shipped_flops if is_shipped else flops_per_image
-            extra = {"variant": be.variant, "network": be.network, "threads": threads, **be.extra,
-                     **be.per_batch.get(batch, {})}
-            if fpi:
-                g = achieved_gflops(fpi, batch, st.median_s)
-                roof = peak_for(peaks, be.precision)
-                extra.update(gflops=round(g, 2), peak_share=(round(peak_share(g, roof), 4) if roof else None),
-                             roof_gflops=roof, flops_per_image=fpi)
-            m = mem.get(be.key)
-            if m is not None:
-                if "error" in m:
-                    extra["peak_mem_note"] = m["error"]
-                else:
-                    extra["peak_mem_mb"] = round(m["peak_rss_mb"][str(batch)], 1)
-                    extra["peak_mem_kind"] = "peak RSS (VmHWM) of a fresh process running only this backend"
-                    extra["import_rss_mb"] = round(m.get("import_rss_mb", 0.0), 1)
-            elif be.variant == "compile":
-                extra["peak_mem_note"] = "not measured (a fresh process would recompile for every batch size)"
-            records.append(make_record("forward", be.backend, be.provider, be.precision, batch, stats=st, **extra))
-        summary = ", ".join(f"{k} {stats[k].median_s * 1e3:.2f} ms" for k in stats)
-        log(f"  forward batch {batch}: {summary}")
+            if be.key in stats:
+                measured[be.key] = (batch, stats[be.key].median_s)
+                fpi = shipped_flops if be.key.startswith("shipped") else flops_per_image
+                records.append(_forward_record(be, batch, stats[be.key], threads=threads, fpi=fpi, peaks=peaks,
+                                               mem=mem))
+        log(f"  forward batch {batch}: " + ", ".join(f"{k} {stats[k].median_s * 1e3:.2f} ms" for k in stats))
     return records
