@@ -190,3 +190,26 @@ def fail_temporary_file(monkeypatch, name: str, code: int) -> None:
         return real(*args, prefix=prefix, **kwargs)
 
     monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+
+
+def cli_invoker(command, monkeypatch, tmp_path):
+    """A function running the click `command` in an empty working folder (tmp_path) without
+    $MDX_MODEL; it returns click's Result. `main=` picks another command for one call."""
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MDX_MODEL", raising=False)
+
+    def invoke(*args, main=command):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def shard_arrays(folder):
+    """Every mdx-generate shard's arrays under `folder`, by file name."""
+    found = {}
+    for path in sorted(Path(folder).glob("shard-*.npz")):
+        with np.load(path) as data:
+            found[path.name] = {k: data[k] for k in data.files}
+    return found

@@ -26,22 +26,12 @@ def model_path():
 @pytest.fixture
 def run(monkeypatch, tmp_path):
     """Run mdx-generate in an empty working folder; returns the click Result."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MDX_MODEL", raising=False)
-
-    def invoke(*args, main=gen.main):
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
+    return h.cli_invoker(gen.main, monkeypatch, tmp_path)
 
 
 def arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     """Every shard's arrays, by file name."""
-    found = {}
-    for path in sorted(folder.glob("shard-*.npz")):
-        with np.load(path) as data:
-            found[path.name] = {k: data[k] for k in data.files}
-    return found
+    return h.shard_arrays(folder)
 
 
 def stamps(folder: Path) -> dict[str, int]:

@@ -67,11 +67,7 @@ def invoke(main, *args):
 
 
 def shard_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    found = {}
-    for path in sorted(folder.glob("shard-*.npz")):
-        with np.load(path) as data:
-            found[path.name] = {k: data[k] for k in data.files}
-    return found
+    return h.shard_arrays(folder)
 
 
 # --- the cluster ----------------------------------------------------------------------

@@ -27,13 +27,7 @@ def model_path():
 @pytest.fixture
 def run(monkeypatch, tmp_path):
     """Run mdx-sample in an empty working folder; returns the click Result."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MDX_MODEL", raising=False)
-
-    def invoke(*args):
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
+    return h.cli_invoker(main, monkeypatch, tmp_path)
 
 
 def files_under(folder: Path) -> list[str]:
@@ -285,9 +279,11 @@ def test_missing_environment_model(run, monkeypatch, tmp_path):
     assert_clean_failure(run(), tmp_path, [], "MDX_MODEL points to")
 
 
-def test_no_default_model_says_how_to_get_one(run, tmp_path):
-    if any(p.exists() for _, p in cli.default_model_candidates()):
-        pytest.skip("a default model is installed")
+def test_no_default_model_says_how_to_get_one(run, tmp_path, monkeypatch):
+    from mdx.runtime import shipped
+
+    # An install whose shipped models folder has no emoji16 (and no ./models here).
+    monkeypatch.setattr(shipped, "models_dir", lambda: tmp_path / "no-shipped-models")
     result = run()
     assert_clean_failure(result, tmp_path, [], "no --model given and no default model found")
     assert "mdx-train" in result.stderr and "mdx-export" in result.stderr
