@@ -5,9 +5,9 @@
     out = pipe(classes=["food"], n=4, seed=0)        # the model's recommended settings
     out.save("food.png")
 
-The names below are imported on first use (PEP 562), so that `import mdx.runtime.schedules`
-from torch code, or `import mdx.runtime` alone, loads neither onnxruntime nor the sampling
-stack.
+The names below are imported on first use (PEP 562), so that the training code's
+`import mdx.runtime.schedules`, or `import mdx.runtime` alone, loads neither onnxruntime nor
+the sampling stack.
 """
 
 from __future__ import annotations
