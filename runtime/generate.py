@@ -51,7 +51,7 @@ import numpy as np
 
 from mdx.runtime import contract
 from mdx.runtime.cli_common import CONTEXT_SETTINGS, one_line_command
-from mdx.runtime.fileio import OutputError, write_text
+from mdx.runtime.fileio import OutputError, sha256_file, write_text
 from mdx.runtime.images import save_npz
 from mdx.runtime.pipeline import PipelineError, generate, prepare_sampler, resolve_class
 from mdx.runtime.providers import COMPUTE_PRECISIONS
@@ -129,14 +129,6 @@ def sample_shard(denoiser, settings: dict, labels: np.ndarray, seed: int) -> np.
 
 
 # --- settings -------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def chosen_classes(class_names: tuple[str, ...], classes: str | None) -> list[str]:
@@ -331,7 +323,7 @@ class RunReport:
 def open_run(model: Path, out: Path, denoiser: OnnxDenoiser, settings: dict, force: bool = False) -> Run:
     """Check or start the manifest in `out` and find the shards still to sample."""
     prepare_out(out)
-    sha256 = file_sha256(model)
+    sha256 = sha256_file(model)
     expected = new_manifest(model, sha256, denoiser.info, settings,
                             {"provider": denoiser.provider, "compute_precision": denoiser.compute_precision})
     if force:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import runtime_helpers as h
 from mdx.runtime import cli as sample_cli
 from mdx.runtime import generate as gen
+from mdx.runtime.fileio import sha256_file
 
 FAST = ["--steps", "3", "--threads", "1"]
 
@@ -78,7 +79,7 @@ def test_shards_manifest_and_npz_keys(run, model_path, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.npz", "shard-00001.npz",
                                                      "shard-00002.npz"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["sha256"] == gen.file_sha256(model_path)
+    assert manifest["model"]["sha256"] == sha256_file(model_path)
     assert manifest["settings"]["n"] == 7 and manifest["settings"]["seed"] == 5
     assert [(s["index"], s["start"], s["count"], s["done"]) for s in manifest["shards"]] == [
         (0, 0, 3, True), (1, 3, 3, True), (2, 6, 1, True)]
