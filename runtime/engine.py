@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from mdx.runtime.contract import recommended_sampler_options
-from mdx.runtime.pipeline import Generation, PipelineError, prepare_sampler
+from mdx.runtime.pipeline import Generation, PipelineError, check_request, guide, prepare_sampler
 
 
 class EngineError(ValueError):
@@ -179,14 +179,7 @@ class _Job:
     def advance(self) -> bool:
         """One sampler step, exactly as `generate` does it; True when the last step is done."""
         out, n = self.model_out, self.n
-        if self.guided:
-            # eps = eps_u + s (eps_c - eps_u), in the same order of operations as generate
-            np.subtract(out[:n], out[n:], out=self.eps)
-            self.eps *= np.float32(self.guidance)
-            self.eps += out[n:]
-            model_output = self.eps
-        else:
-            model_output = out
+        model_output = guide(out, n, self.guidance, self.eps) if self.guided else out
         t = self.timesteps[self.i]
         z = None
         if self.sampler.needs_noise(t):
@@ -333,19 +326,10 @@ class Engine:
     def _check(self, request: SampleRequest) -> tuple[np.ndarray, object]:
         """The request's context and prepared sampler; EngineError / PipelineError / SamplerError."""
         info = self.info
-        context = np.asarray(request.context, dtype=np.float32)
-        if context.ndim != 2 or context.shape[1] != info.num_classes or context.shape[0] < 1:
-            raise PipelineError(f"context must have shape (n, {info.num_classes}), got {context.shape}")
-        n = context.shape[0]
+        context, n = check_request(info, request.context, None, request.guidance, request.seed)
         if n > self.config.max_images:
             raise RequestTooLarge(f"{n} images in one request; this engine takes at most "
                                   f"{self.config.max_images} (max_images)")
-        g = request.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g) or g < 0:
-            raise PipelineError(f"guidance must be a number >= 0, got {g!r}")
-        seed = request.seed
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise PipelineError(f"seed must be an integer >= 0, got {seed!r}")
         options = request.sampler_options
         if options is None:
             options = recommended_sampler_options(info, request.sampler)

@@ -112,8 +112,9 @@ def prepare_sampler(info, sampler: str, steps: int, eta: float = 0.0, options: d
     return scheduler
 
 
-def _check_request(info, context, n: int | None, guidance: float, seed) -> tuple[np.ndarray, int]:
-    """The context as float32 (n, K) and n; PipelineError for a bad shape, guidance or seed."""
+def check_request(info, context, n: int | None, guidance: float, seed) -> tuple[np.ndarray, int]:
+    """The context as float32 (n, K) and n; PipelineError for a bad shape, guidance or seed
+    (shared by `generate` and the batching engine, so both refuse the same requests)."""
     context = np.asarray(context, dtype=np.float32)
     if context.ndim != 2 or context.shape[1] != info.num_classes or context.shape[0] < 1:
         raise PipelineError(f"context must have shape (n, {info.num_classes}), got {context.shape}")
@@ -121,15 +122,17 @@ def _check_request(info, context, n: int | None, guidance: float, seed) -> tuple
         n = context.shape[0]
     if n != context.shape[0]:
         raise PipelineError(f"n={n} but the context has {context.shape[0]} rows")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise PipelineError(f"guidance must be a number >= 0, got {guidance}")
+    if (isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating, np.integer))
+            or not np.isfinite(guidance) or guidance < 0):
+        raise PipelineError(f"guidance must be a number >= 0, got {guidance!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise PipelineError(f"seed must be an integer >= 0, got {seed!r}")
     return context, n
 
 
-def _guide(out: np.ndarray, n: int, guidance: float, eps: np.ndarray) -> np.ndarray:
-    """eps = eps_u + s (eps_c - eps_u), in place in `eps`, from the [cond; uncond] output (2n, ...)."""
+def guide(out: np.ndarray, n: int, guidance: float, eps: np.ndarray) -> np.ndarray:
+    """eps = eps_u + s (eps_c - eps_u), in place in `eps`, from the [cond; uncond] output (2n, ...).
+    The batching engine calls it too: the same operations in the same order give the same bits."""
     np.subtract(out[:n], out[n:], out=eps)
     eps *= np.float32(guidance)
     eps += out[n:]
@@ -151,7 +154,7 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
     else the sampler's diffusers defaults.
     """
     info = denoiser.info
-    context, n = _check_request(info, context, n, guidance, seed)
+    context, n = check_request(info, context, n, guidance, seed)
     if sampler_options is None:
         sampler_options = recommended_sampler_options(info, sampler)
     schedule_sampler = prepare_sampler(info, sampler, steps, eta, sampler_options)
@@ -178,7 +181,7 @@ def generate(denoiser, *, sampler: str = "ddim", steps: int = 25, n: int | None 
         tick = time.perf_counter()
         out = bound.run()  # (B, C, H, W), overwritten by the next run
         model_seconds += time.perf_counter() - tick
-        model_output = _guide(out, n, guidance, eps) if guided else out
+        model_output = guide(out, n, guidance, eps) if guided else out
         z = None
         if schedule_sampler.needs_noise(t):
             z = rng.standard_normal(shape, dtype=np.float32, out=noise)
