@@ -76,7 +76,14 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> t
                    "0 keeps the data's mix, 1 shows every class equally often.")
 @click.option("--init-from", default=None,
               help="Fine-tune: start the network and its EMA from this run folder, checkpoint folder or "
-                   "weights file (same network, schedule and classes), with a fresh optimiser and LR schedule.")
+                   "weights file, or from an fp32 ContextUnet .onnx exported by mdx-export (its weights are "
+                   "recovered and checked against the file), with a fresh optimiser and LR schedule. Same "
+                   "network, schedule and classes.")
+@click.option("--min-snr-gamma", default=0.0, show_default=True, type=float,
+              help="Min-SNR-gamma loss weighting: each timestep's loss is weighted by min(SNR, gamma) / SNR "
+                   "(epsilon) or / (SNR + 1) (v); 0 = plain MSE, 5 is the paper's choice.")
+@click.option("--min-lr-ratio", default=0.1, show_default=True, type=float,
+              help="The cosine schedule decays the LR to this fraction of --lr at the last step.")
 @click.option("--telemetry", is_flag=True, help="Record GPU (NVML) or CPU/RSS figures to telemetry.csv/.png.")
 def main(**opts) -> None:
     """Train a class-conditional diffusion model (the course's ContextUnet or diffusers' UNet2DModel).

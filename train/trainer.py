@@ -71,7 +71,8 @@ class TrainConfig:
     telemetry: bool = False
     threads: int | None = None
     class_balance: float = 0.0     # sampling weight of an image = (1 / its class's count) ** class_balance
-    init_from: str | None = None   # fine-tune: start model and EMA from this run/checkpoint's weights
+    init_from: str | None = None   # fine-tune: start model and EMA from this run/checkpoint's (or .onnx file's) weights
+    min_snr_gamma: float = 0.0     # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE
     arch: str = DEFAULT_ARCHITECTURE  # contextunet (the course's network, n_feat) or unet2d (diffusers' UNet2DModel)
     unet_channels: tuple[int, ...] = UNet2DConfig.block_out_channels  # unet2d: channels per resolution level
     unet_layers: int = UNet2DConfig.layers_per_block  # unet2d: ResNet layers per down block (up blocks: + 1)
@@ -111,6 +112,10 @@ class TrainConfig:
         if not 0 <= self.class_balance <= 1:
             raise TrainError(f"--class-balance must be in [0, 1] (0 = data order, 1 = classes equally often), "
                              f"got {self.class_balance}")
+        if not (self.min_snr_gamma >= 0 and math.isfinite(self.min_snr_gamma)):
+            raise TrainError(f"--min-snr-gamma must be >= 0 (0 = off; 5 is the paper's choice), got {self.min_snr_gamma}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise TrainError(f"--min-lr-ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise TrainError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"got {self.prediction_type!r}")
@@ -335,6 +340,15 @@ class Run:
         bs = self.cfg.batch_size
         return self._order[i * bs:(i + 1) * bs]
 
+    def _loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023, Eq. 8 and its v form): min(SNR_t, gamma) / SNR_t
+        for an epsilon target, min(SNR_t, gamma) / (SNR_t + 1) for v, with SNR_t = abar_t / (1 - abar_t).
+        Low-noise steps (large SNR) stop dominating the gradient; steps with SNR <= gamma keep weight 1
+        (epsilon)."""
+        snr = (self.sqrt_abar[t] / self.sqrt_one_minus_abar[t]).pow(2)  # (B,)
+        clipped = snr.clamp(max=self.cfg.min_snr_gamma)
+        return clipped / snr if self.cfg.prediction_type == "epsilon" else clipped / (snr + 1)
+
     def train_step(self) -> float:
         """One optimisation step; returns the loss."""
         cfg, s = self.cfg, self.step
@@ -361,7 +375,10 @@ class Run:
         amp_dtype = torch.float16 if dev_type == "cuda" else torch.bfloat16
         with torch.autocast(dev_type, dtype=amp_dtype, enabled=cfg.amp):
             out = self.model(x_t, t.float(), context)
-        loss = F.mse_loss(out.float(), target)
+        if cfg.min_snr_gamma > 0:
+            loss = (self._loss_weights(t) * (out.float() - target).pow(2).mean((1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(out.float(), target)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -426,16 +443,40 @@ def model_config(cfg: TrainConfig, data: ImageData) -> ModelConfig | UNet2DConfi
                        image_size=cfg.image_size, num_train_timesteps=cfg.timesteps)
 
 
+def init_from_onnx(source: str, model: torch.nn.Module, run_config: dict, images: torch.Tensor, schedule: Schedule,
+                   seed: int) -> float:
+    """--init-from FILE.onnx: the exported ContextUnet's weights, recovered (mdx.train.from_onnx)."""
+    from mdx.train.from_onnx import load_onnx_weights, onnx_run_config
+
+    if not Path(source).is_file():
+        raise TrainError(f"--init-from: {source}: no such file")
+    key = first_difference(onnx_run_config(source), run_config)
+    if key is not None:
+        raise TrainError(f"--init-from: {source} has a different {key} than this run; pass the same network "
+                         f"and schedule options")
+    device = next(model.parameters()).device
+    gap = load_onnx_weights(source, model.cpu(), images, schedule, seed)
+    model.to(device)
+    return gap
+
+
 def build_networks(cfg: TrainConfig, mcfg: ModelConfig | UNet2DConfig, run_config: dict, device: str, *,
-                   resume: bool, log: Callable[[str], None]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The network (--arch) and its EMA copy: the same seeded weights on every rank, or --init-from's."""
+                   resume: bool, log: Callable[[str], None], images: torch.Tensor | None = None,
+                   schedule: Schedule | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The network (--arch) and its EMA copy: the same seeded weights on every rank, or --init-from's
+    (an .onnx file's weights are recovered with its BatchNorms calibrated on `images`, noised by `schedule`)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     try:
         model = build_network(cfg.arch, mcfg).to(device)
         ema = build_network(cfg.arch, mcfg).to(device)
     except ValueError as e:  # diffusers missing for unet2d
         raise TrainError(str(e)) from None
-    if cfg.init_from and not resume:
+    if cfg.init_from and not resume and Path(cfg.init_from).suffix == ".onnx":
+        gap = init_from_onnx(cfg.init_from, model, run_config, images, schedule, cfg.seed)
+        ema.load_state_dict(model.state_dict())
+        log(f"starting from the weights recovered from {cfg.init_from} (eval-mode max abs difference "
+            f"{gap:.1e} against the file)")
+    elif cfg.init_from and not resume:
         raw_state, ema_state, where = load_init_weights(cfg.init_from, run_config, device)
         model.load_state_dict(raw_state)
         ema.load_state_dict(ema_state)
@@ -495,7 +536,9 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], No
     if resume:
         check_same_run(out, run_config)
 
-    model, ema = build_networks(cfg, mcfg, run_config, device, resume=resume, log=log)
+    images = images_tensor(data)  # (N, C, H, W) on the CPU
+    model, ema = build_networks(cfg, mcfg, run_config, device, resume=resume, log=log, images=images,
+                                schedule=schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = make_data_sampler(cfg, data, d)
     steps_per_epoch, total = count_steps(cfg, sampler)
@@ -503,7 +546,7 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], No
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    return Run(cfg=cfg, run_config=run_config, data=data, images=images_tensor(data).to(device),
+    return Run(cfg=cfg, run_config=run_config, data=data, images=images.to(device),
                labels=torch.from_numpy(data.labels.astype(np.int64)).to(device), model=model, ema=ema,
                optimizer=optimizer, schedule=schedule, device=device, dist=d, sampler=sampler,
                total_steps=total, steps_per_epoch=steps_per_epoch, step=step,

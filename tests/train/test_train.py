@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,11 @@ BAD_OPTIONS = {
     "class balance above 1": (["--class-balance", "1.5"], "--class-balance"),
     "class balance negative": (["--class-balance", "-0.1"], "--class-balance"),
     "init-from nothing": (["--init-from", "/nonexistent/run"], "--init-from"),
+    "init-from a missing .onnx": (["--init-from", "/nonexistent/model.onnx"], "no such file"),
+    "min-snr negative": (["--min-snr-gamma", "-1"], "--min-snr-gamma"),
+    "min-snr nan": (["--min-snr-gamma", "nan"], "--min-snr-gamma"),
+    "min-lr-ratio 0": (["--min-lr-ratio", "0"], "--min-lr-ratio"),
+    "min-lr-ratio above 1": (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
 }
 
 
@@ -616,4 +622,153 @@ def test_init_from_another_network_is_one_line_exit_2(tiny_run: tuple[Path, Resu
     args = train_args(data_npz, out, init_from=source)
     args[args.index("--n-feat") + 1] = "16"
     assert_one_line_error(invoke(args), "different model")
+    assert not out.exists()
+
+
+# --- min-SNR weighting and fine-tuning from an exported .onnx -------------------------------
+
+
+def test_min_snr_weights_follow_the_paper(tmp_path: Path, data_npz: Path) -> None:
+    cfg = TrainConfig(data=str(data_npz), out=str(tmp_path / "w"), n_feat=8, timesteps=50, batch_size=8,
+                      max_steps=1, threads=1, device="cpu", sample_every=0, min_snr_gamma=5.0)
+    run = build_run(cfg, log=lambda m: None)
+    t = torch.arange(50)
+    abar = torch.tensor(run.schedule.alphas_cumprod, dtype=torch.float64)
+    snr = abar / (1 - abar)
+    want = torch.minimum(snr, torch.tensor(5.0)) / snr
+    np.testing.assert_allclose(run._loss_weights(t).double().numpy(), want.numpy(), rtol=1e-5)
+    assert run._loss_weights(t)[-1] == 1.0 and run._loss_weights(t)[0] < 0.01  # noisy steps keep weight 1
+    run.cfg = TrainConfig(**{**asdict(cfg), "prediction_type": "v_prediction"})
+    np.testing.assert_allclose(run._loss_weights(t).double().numpy(),
+                               (torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)).numpy(), rtol=1e-5)
+
+
+def test_min_snr_run_trains_differently_and_records_gamma(tmp_path: Path, data_npz: Path) -> None:
+    runs = {}
+    for gamma in (0.0, 5.0):
+        out = tmp_path / f"g{gamma}"
+        result = invoke(train_args(data_npz, out, max_steps=3, checkpoint_every=3, min_snr_gamma=gamma))
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
+        assert json.loads((out / "config.json").read_text())["train"]["min_snr_gamma"] == gamma
+        runs[gamma] = read_tensors(out / ckpt.CKPT_DIR / "model.safetensors")
+    assert any(not torch.equal(runs[0.0][k], runs[5.0][k]) for k in runs[0.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_run: tuple[Path, Result], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny run exported to fp32 and int8 .onnx files."""
+    from mdx.export.onnx_export import export_checkpoint
+
+    source, _ = tiny_run
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for precision in ("fp32", "int8"):
+        files[precision] = folder / f"tiny-{precision}.onnx"
+        export_checkpoint(source, files[precision], precision=precision, verbose=False)
+    return files
+
+
+def test_init_from_onnx_recovers_the_exported_network(tiny_run: tuple[Path, Result], tiny_onnx: dict[str, Path],
+                                                      data_npz: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    source, _ = tiny_run
+    cfg = TrainConfig(data=str(data_npz), out=str(tmp_path / "ft"), n_feat=8, timesteps=50, batch_size=8,
+                      max_steps=2, threads=1, device="cpu", sample_every=0, init_from=str(tiny_onnx["fp32"]))
+    run = build_run(cfg, log=lambda m: None)
+    original = ckpt.load_checkpoint(source).model  # the EMA weights the file was exported from, eval mode
+    for name, tensor in run.module.state_dict().items():  # the EMA copy starts equal to the network
+        assert torch.equal(tensor, run.ema.state_dict()[name]), name
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, SIZE, SIZE), dtype=np.float32)
+    t = rng.integers(0, 50, 6)
+    c = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, 6)]
+    session = ort.InferenceSession(str(tiny_onnx["fp32"]), providers=["CPUExecutionProvider"])
+    t_type = np.int64 if "int64" in session.get_inputs()[1].type else np.float32
+    from_file = session.run(None, {"sample": x, "timestep": t.astype(t_type), "context": c})[0]
+    with torch.no_grad():
+        args = (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c))
+        recovered = run.module.eval()(*args).numpy()
+        reference = original(*args).numpy()
+    np.testing.assert_allclose(recovered, from_file, atol=1e-4)
+    np.testing.assert_allclose(recovered, reference, atol=1e-4)
+    # Weights the file names come back bit for bit (not only the function).
+    state = original.state_dict()
+    for name in ("init_conv.shortcut.weight", "timeembed1.model.0.weight", "contextembed2.model.2.weight",
+                 "up0.1.weight", "out.1.bias", "out.3.weight"):
+        assert torch.equal(run.module.state_dict()[name], state[name]), name
+
+
+def test_init_from_onnx_trains_through_the_cli(tiny_onnx: dict[str, Path], data_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft-cli"
+    result = invoke(train_args(data_npz, out, max_steps=2, checkpoint_every=2, init_from=tiny_onnx["fp32"]))
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    assert "recovered from" in result.stderr and checkpoint_step(out) == 2
+    assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(tiny_onnx["fp32"])
+
+
+def _renamed_weight(src: Path, dst: Path) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    renamed = next(i for i in model.graph.initializer if i.name == "out.3.weight")
+    for node in model.graph.node:
+        node.input[:] = ["out_3_w" if i == renamed.name else i for i in node.input]
+    renamed.name = "out_3_w"
+    onnx.save(model, str(dst))
+    return dst
+
+
+BAD_ONNX_SOURCES = {
+    "an int8 file": (lambda files, tmp: files["int8"], "int8 file"),
+    "not an onnx file": (lambda files, tmp: _write(tmp / "junk.onnx", b"not a model"), "cannot read"),
+    "no train config": (lambda files, tmp: _no_train_config(files["fp32"], tmp / "bare.onnx"), "mdx.train_config"),
+    "a weight renamed": (lambda files, tmp: _renamed_weight(files["fp32"], tmp / "renamed.onnx"), "no weight out.3.weight"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _no_train_config(src: Path, dst: Path) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    keep = [p for p in model.metadata_props if p.key != "mdx.train_config"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("case", list(BAD_ONNX_SOURCES))
+def test_bad_onnx_sources_are_one_line_exit_2(case: str, tiny_onnx: dict[str, Path], data_npz: Path,
+                                              tmp_path: Path) -> None:
+    make, fragment = BAD_ONNX_SOURCES[case]
+    out = tmp_path / "ft"
+    assert_one_line_error(invoke(train_args(data_npz, out, init_from=make(tiny_onnx, tmp_path))), fragment)
+    assert not out.exists()
+
+
+def test_init_from_onnx_of_another_network_is_one_line_exit_2(tiny_onnx: dict[str, Path], data_npz: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    args = train_args(data_npz, out, init_from=tiny_onnx["fp32"])
+    args[args.index("--n-feat") + 1] = "16"
+    assert_one_line_error(invoke(args), "different model")
+    assert not out.exists()
+
+
+def test_init_from_onnx_refuses_a_file_it_cannot_reproduce(tiny_onnx: dict[str, Path], data_npz: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parity check is real: a recovery that misses (here: the GroupNorm affines swapped) is refused."""
+    from mdx.train import from_onnx
+
+    real = from_onnx._group_norm_affines
+    monkeypatch.setattr(from_onnx, "_group_norm_affines",
+                        lambda graph, tensors: [(b, w) for w, b in real(graph, tensors)])
+    out = tmp_path / "ft"
+    assert_one_line_error(invoke(train_args(data_npz, out, init_from=tiny_onnx["fp32"])), "differ from the file")
     assert not out.exists()
