@@ -467,7 +467,7 @@ def convert_precision(proto: onnx.ModelProto, report: ExportReport, calib, int8_
             raise ExportFailure(f"int8 quantization failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
     report.convert_seconds = time.perf_counter() - t0
     what = {"fp16": "float16, float32 I/O",
-            "int8": f"QDQ, s8 per-channel weights, {int8_activations} activations, MinMax"}[precision]
+            "int8": f"QDQ, s8 per-channel 7-bit weights, {int8_activations} activations, MinMax"}[precision]
     log(f"  {precision:<10} {what}: {node_count(proto)} nodes, {fmt_bytes(proto.ByteSize())}, "
         f"{report.convert_seconds:.1f} s")
     return proto
