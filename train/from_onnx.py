@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdx.runtime.contract import INPUTS, PRECISION, TRAIN_CONFIG
+from mdx.runtime.contract import INPUTS, PRECISION, TRAIN_CONFIG, read_metadata
 from mdx.train.errors import TrainError
 
 PARITY_BOUND = 1e-4  # max abs difference, eval mode, against the file on onnxruntime
@@ -38,8 +38,6 @@ CALIBRATION_BATCHES, CALIBRATION_BATCH = 8, 256
 
 def onnx_run_config(path: str | Path) -> dict:
     """The run description (config.json's content) the exporter stored in an fp32 mdx ONNX file."""
-    from mdx.runtime.contract import read_metadata
-
     try:
         metadata = read_metadata(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
