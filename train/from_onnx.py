@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdx.runtime.contract import INPUTS, PRECISION, TRAIN_CONFIG, read_metadata
+from mdx.runtime.contract import PRECISION, TRAIN_CONFIG, read_metadata
 from mdx.train.errors import TrainError
 
 PARITY_BOUND = 1e-4  # max abs difference, eval mode, against the file on onnxruntime
@@ -162,18 +162,15 @@ def _calibrate(model: torch.nn.Module, batch_norms: list, images: torch.Tensor, 
 
 def _parity(model: torch.nn.Module, path: Path, shape: tuple[int, ...], n_classes: int, seed: int) -> float:
     """Max abs difference between the recovered network (eval) and the file on onnxruntime."""
-    import onnxruntime as ort
+    from mdx.runtime.session import OnnxDenoiser
 
     rng = np.random.default_rng(seed)
     b = 8
     sample = rng.standard_normal((b, *shape), dtype=np.float32)
     timestep = rng.integers(0, model.config.num_train_timesteps, b).astype(np.int64)
     context = np.eye(n_classes, dtype=np.float32)[rng.integers(0, n_classes, b)]
-    context[0] = 0.0
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = dict(zip(INPUTS, (sample, timestep, context)))
-    feeds = {i.name: feeds[i.name].astype(np.int64 if "int64" in i.type else np.float32) for i in session.get_inputs()}
-    expected = session.run(None, feeds)[0]
+    context[0] = 0.0  # one unconditional row
+    expected = OnnxDenoiser.load(path, provider="cpu")(sample, timestep, context)
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(context)).numpy()
     return float(np.abs(got - expected).max())
