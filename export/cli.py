@@ -41,6 +41,10 @@ from mdx.export.validate import ValidationError
               help="int8 calibration images (a data spec as for mdx-train --data) [default: the run's data].")
 @click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="int8 activation type: u8 runs as QLinearConv on x86 CPUs; s8 mostly does not.")
+@click.option("--int8-scope", type=click.Choice(["context-free", "all"]), default="context-free", show_default=True,
+              help="Which convolutions int8 quantizes: context-free = only those upstream of the class context "
+                   "(their errors cancel in classifier-free guidance; FD as fp32), all = every one but the "
+                   "x_t-reading and the last (faster, FD 14% worse on emoji16).")
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None,
               help="Bare diffusers UNet2DModel folder: the beta schedule [linear].")
 @click.option("--timesteps", type=int, default=None, help="Bare diffusers UNet2DModel folder: training timesteps T [1000].")
@@ -52,7 +56,8 @@ from mdx.export.validate import ValidationError
               help="Diffusers folder: names of the num_class_embeds classes [default: 0, 1, ...].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def main(checkpoint: Path, output: Path | None, opset: int, precision: str, weights: str, no_simplify: bool,
-         recommended: str | None, calibration_data: str | None, int8_activations: str, schedule: str | None,
+         recommended: str | None, calibration_data: str | None, int8_activations: str, int8_scope: str,
+         schedule: str | None,
          timesteps: int | None, beta_start: float | None, beta_end: float | None, prediction_type: str | None,
          class_list: str | None, quiet: bool) -> None:
     """Export a checkpoint or a diffusers model to one self-contained ONNX file and validate it.
@@ -69,7 +74,8 @@ def main(checkpoint: Path, output: Path | None, opset: int, precision: str, weig
     names = [n.strip() for n in class_list.split(",")] if class_list is not None else None
     export_checkpoint(checkpoint, output, opset=opset, precision=precision, weights=weights,
                       simplify=not no_simplify, recommended=recommended, calibration_data=calibration_data,
-                      verbose=not quiet, int8_activations=int8_activations, schedule_options=options,
+                      verbose=not quiet, int8_activations=int8_activations, int8_scope=int8_scope,
+                      schedule_options=options,
                       class_names=names)
 
 if __name__ == "__main__":

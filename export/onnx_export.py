@@ -36,7 +36,7 @@ from typing import Callable
 import onnx
 import torch
 
-from mdx.export.quantize import (INT8_ACTIVATIONS, CalibrationError, CalibrationReader, convert_fp16,
+from mdx.export.quantize import (INT8_ACTIVATIONS, INT8_SCOPES, CalibrationError, CalibrationReader, convert_fp16,
                                  make_calibration_set, quantize_int8)
 from mdx.export.validate import (INPUT_NAMES, OUTPUT_NAMES, PRECISIONS, ValidationError, ValidationReport,
                                  all_nodes, onnx_opset, validate_onnx)
@@ -56,10 +56,11 @@ PRECISION_SUFFIX = {"fp32": "", "fp16": "-fp16", "int8": "-int8"}
 PRECISION_DOC = {
     "fp32": "float32 weights and compute",
     "fp16": "float16 weights and compute, float32 inputs and output (for the CUDA provider)",
-    "int8": "int8 QDQ static quantization, per-channel signed int8 weights, {act} activations "
-            "(for the CPU provider)",
+    "int8": "int8 QDQ static quantization of the {scope} convolutions, per-channel signed 7-bit weights, "
+            "{act} activations (for the CPU provider)",
 }
 ACTIVATION_DOC = {"u8": "asymmetric uint8", "s8": "signed int8"}
+SCOPE_DOC = {"context-free": "class-context-free", "all": "(all but the x_t-reading and last)"}
 INPUT_DOCS = {
     "sample": "the noisy image x_t, float32 [batch, C, H, W], values about N(0, 1)",
     "timestep": "the timestep index t in 0..T-1, float32 [batch] (the graph normalises it)",
@@ -282,9 +283,9 @@ def _version() -> str:
 GRAPH_NAMES = {"contextunet": "mdx_context_unet", "unet2d": "mdx_unet2d"}
 
 
-def describe(ckpt: LoadedCheckpoint, precision: str, int8_activations: str = "u8") -> str:
+def describe(ckpt: LoadedCheckpoint, precision: str, int8_activations: str = "u8", int8_scope: str = "context-free") -> str:
     mc, s = ckpt.model_config, ckpt.schedule
-    how = PRECISION_DOC[precision].format(act=ACTIVATION_DOC[int8_activations])
+    how = PRECISION_DOC[precision].format(act=ACTIVATION_DOC[int8_activations], scope=SCOPE_DOC[int8_scope])
     return (f"mdx diffusion U-Net ({network_summary(ckpt.model)}): "
             f"{mc.n_classes} classes ({', '.join(ckpt.class_names)}), {mc.in_channels}x{mc.image_size}x"
             f"{mc.image_size} images, {ckpt.prediction_type} prediction, {s.kind} schedule with T="
@@ -294,7 +295,8 @@ def describe(ckpt: LoadedCheckpoint, precision: str, int8_activations: str = "u8
 
 
 def finish_model(model: onnx.ModelProto, ckpt: LoadedCheckpoint, precision: str,
-                 recommended: dict | None, int8_activations: str = "u8") -> onnx.ModelProto:
+                 recommended: dict | None, int8_activations: str = "u8",
+                 int8_scope: str = "context-free") -> onnx.ModelProto:
     """Set the metadata, producer and doc strings; drop other tools' metadata and unused opset imports."""
     del model.metadata_props[:]  # onnxsim and the quantizer leave their own notes; keep ours only
     for key, value in build_metadata(ckpt, precision, recommended).items():
@@ -302,7 +304,7 @@ def finish_model(model: onnx.ModelProto, ckpt: LoadedCheckpoint, precision: str,
     model.producer_name = "mdx-export"
     model.producer_version = _version()
     model.model_version = int(ckpt.step)
-    model.doc_string = describe(ckpt, precision, int8_activations)
+    model.doc_string = describe(ckpt, precision, int8_activations, int8_scope)
     model.graph.name = GRAPH_NAMES[ckpt.architecture]
     for v in list(model.graph.input) + list(model.graph.output):
         v.doc_string = INPUT_DOCS.get(v.name, "")
@@ -341,7 +343,7 @@ class ExportReport:
 
 
 def check_options(precision: str, weights: str, opset: int, int8_activations: str,
-                  calibration_data: str | None) -> None:
+                  calibration_data: str | None, int8_scope: str = "context-free") -> None:
     """ExportError for an option no export could use (before anything slow runs)."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -350,6 +352,8 @@ def check_options(precision: str, weights: str, opset: int, int8_activations: st
     check_opset(opset)
     if int8_activations not in INT8_ACTIVATIONS:
         raise ExportError(f"unknown int8 activation type {int8_activations!r}; choose u8 or s8")
+    if int8_scope not in INT8_SCOPES:
+        raise ExportError(f"unknown int8 scope {int8_scope!r}; choose {' or '.join(INT8_SCOPES)}")
     if calibration_data is not None and precision != "int8":
         raise ExportError("--calibration-data is only used with --precision int8")
 
@@ -447,8 +451,16 @@ def export_graph(ckpt: LoadedCheckpoint, out: Path, precision: str, opset: int, 
     return proto, report
 
 
+def _count_quantized(proto: onnx.ModelProto) -> str:
+    """'q of n' convolutions whose weight comes from a DequantizeLinear (for the log)."""
+    produced_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    q = sum(produced_by.get(n.input[1]) == "DequantizeLinear" for n in convs)
+    return f"{q} of {len(convs)}"
+
+
 def convert_precision(proto: onnx.ModelProto, report: ExportReport, calib, int8_activations: str,
-                      log: Callable[[str], None]) -> onnx.ModelProto:
+                      log: Callable[[str], None], int8_scope: str = "context-free") -> onnx.ModelProto:
     """fp16 conversion or int8 quantization (report.precision); fp32 passes through."""
     precision = report.precision
     if precision == "fp32":
@@ -462,12 +474,15 @@ def convert_precision(proto: onnx.ModelProto, report: ExportReport, calib, int8_
         held = io.StringIO()
         try:
             with _quiet(held):
-                proto = quantize_int8(proto, CalibrationReader(calib), int8_activations)
+                proto = quantize_int8(proto, CalibrationReader(calib), int8_activations, int8_scope)
+        except CalibrationError as e:  # nothing to quantize in this scope: the user's choice
+            raise ExportError(str(e)) from None
         except Exception as e:  # noqa: BLE001
             raise ExportFailure(f"int8 quantization failed: {type(e).__name__}: {_tail(str(e), 1)}") from None
     report.convert_seconds = time.perf_counter() - t0
     what = {"fp16": "float16, float32 I/O",
-            "int8": f"QDQ, s8 per-channel 7-bit weights, {int8_activations} activations, MinMax"}[precision]
+            "int8": f"QDQ ({int8_scope} convolutions: {_count_quantized(proto)}), s8 per-channel 7-bit weights, "
+                    f"{int8_activations} activations, Percentile ranges"}[precision]
     log(f"  {precision:<10} {what}: {node_count(proto)} nodes, {fmt_bytes(proto.ByteSize())}, "
         f"{report.convert_seconds:.1f} s")
     return proto
@@ -492,7 +507,7 @@ def save_and_validate(proto: onnx.ModelProto, tmp: Path, ckpt: LoadedCheckpoint,
 def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
                       precision: str = "fp32", weights: str = "ema", simplify: bool = True,
                       recommended: str | dict | None = None, calibration_data: str | None = None,
-                      verbose: bool = True, int8_activations: str = "u8",
+                      verbose: bool = True, int8_activations: str = "u8", int8_scope: str = "context-free",
                       schedule_options: ScheduleOptions | None = None,
                       class_names: list[str] | None = None) -> ExportReport:
     """Export a run folder, checkpoint folder, .safetensors file or diffusers folder to a validated ONNX file.
@@ -505,12 +520,14 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: in
     recommended: {"sampler": "ddpm|ddim|dpmpp", "steps": n, "guidance": g} (JSON or dict) for mdx-sample.
     calibration_data: int8 only; a data spec for load_data (default: the run's training data).
     int8_activations: "u8" (default, ORT's fast x86 path) or "s8"; see quantize.py.
+    int8_scope: "context-free" (default: only convolutions upstream of the class context, whose
+    errors cancel in classifier-free guidance) or "all"; see quantize.int8_convs.
     Raises ExportError (bad input), WriteError (the output cannot be written), ExportFailure
     (a tool failed) or ValidationError (the numbers). Nothing is left at `out` unless it validated.
     """
     log: Callable[[str], None] = print if verbose else (lambda _msg: None)
     t_start = time.perf_counter()
-    check_options(precision, weights, opset, int8_activations, calibration_data)
+    check_options(precision, weights, opset, int8_activations, calibration_data, int8_scope)
     ckpt, source_recommended = _load(path, weights, schedule_options, class_names, log)
     rec = parse_recommended(recommended if recommended is not None else source_recommended, ckpt.schedule)
     out = Path(out) if out is not None else default_output(path, precision)
@@ -521,8 +538,8 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, opset: in
     # export), renamed onto `out` only once the model validated, and removed on any failure.
     with atomic_write(out) as tmp:
         proto, report = export_graph(ckpt, out, precision, opset, simplify, log)
-        proto = convert_precision(proto, report, calib, int8_activations, log)
-        proto = finish_model(proto, ckpt, precision, rec, int8_activations)
+        proto = convert_precision(proto, report, calib, int8_activations, log, int8_scope)
+        proto = finish_model(proto, ckpt, precision, rec, int8_activations, int8_scope)
         report.metadata = {p.key: p.value for p in proto.metadata_props}
         save_and_validate(proto, tmp, ckpt, report, log)
     report.total_seconds = time.perf_counter() - t_start

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from mdx.export import onnx_export
 from mdx.export.cli import main
 from mdx.export.onnx_export import ExportError, ExportFailure, export_checkpoint, parse_recommended
-from mdx.export.quantize import CALIBRATION_IMAGES, CalibrationReader, make_calibration_set
+from mdx.export.quantize import (CALIBRATION_IMAGES, CalibrationError, CalibrationReader, context_dependent_nodes,
+                                 int8_convs, make_calibration_set, quantize_int8)
 from mdx.export.validate import (REQUIRED_METADATA, TOLERANCES, ValidationError, parity_inputs, validate_onnx)
 from mdx.runtime.schedules import make_schedule
 from mdx.train.checkpoint import load_checkpoint, make_run_config, save_weights_file
@@ -198,17 +199,85 @@ def test_int8_round_trip(work, run):
     assert {i.domain: i.version for i in model.opset_import}[""] == 17
     assert {p.key: p.value for p in model.metadata_props}["mdx.precision"] == "int8"
     assert report.calibration.startswith(f"{CALIBRATION_IMAGES} emoji16 images") and "matched by name" in report.calibration
-    # convolutions only, the first and the last left in float32 (measured better: quantize.py)
+    # convolutions only, and of them only those upstream of the class context (quantize.py);
+    # those that read x_t stay float32
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     produced_by = {o: n for n in model.graph.node for o in n.output}
     quantized = [n for n in convs if produced_by.get(n.input[1]) is not None
                  and produced_by[n.input[1]].op_type == "DequantizeLinear"]
-    assert len(convs) > 2 and len(quantized) == len(convs) - 2
-    assert convs[0] not in quantized and convs[-1] not in quantized
+    tainted = context_dependent_nodes(model.graph)
+    assert quantized and all(n.name not in tainted for n in quantized)
+    assert all(n not in quantized for n in convs if "sample" in n.input) and convs[-1] not in quantized
+    assert [n.name for n in convs if n.name not in tainted and "sample" not in n.input] == [n.name for n in quantized]
+    assert "class-context-free convolutions" in model.doc_string
     assert not any(n.op_type in ("Gemm", "MatMul") and n.input[0] in produced_by
                    and produced_by[n.input[0]].op_type == "DequantizeLinear" for n in model.graph.node)
     assert all(r.rel_rms <= TOLERANCES["int8"][1] for r in report.validation.parity)
-    assert out.stat().st_size < 0.75 * report.bytes_after  # QDQ nodes weigh on a model this small
+    assert out.stat().st_size < report.bytes_after  # int8 weights, though QDQ nodes weigh on a model this small
+
+
+def _guidance_difference(path: Path, n: int = 32) -> np.ndarray:
+    """eps_c - eps_u of the file on noised-like inputs, the term classifier-free guidance scales."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, 3, 16, 16), dtype=np.float32)
+    t = rng.integers(0, T, n).astype(np.float32)
+    c = np.eye(len(CLASSES), dtype=np.float32)[rng.integers(0, len(CLASSES), n)]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"sample": np.concatenate([x, x]), "timestep": np.concatenate([t, t]),
+                        "context": np.concatenate([c, np.zeros_like(c)])})[0]
+    return y[:n] - y[n:]
+
+
+def test_int8_context_free_scope_keeps_the_guidance_difference(work, run, fp32):
+    """The default scope's rounding errors cancel in eps_c - eps_u; scope "all" quantizes the up path too."""
+    ref = _guidance_difference(fp32[0])
+    errors = {}
+    for scope in ("context-free", "all"):
+        out = work / f"int8-{scope}" / "m.onnx"
+        export_checkpoint(run, out, precision="int8", int8_scope=scope, verbose=False)
+        d = _guidance_difference(out)
+        errors[scope] = float(np.sqrt(np.mean((d - ref) ** 2) / np.mean(ref ** 2)))
+        quantized, kept = int8_convs(onnx.load(str(fp32[0])), scope)
+        assert quantized and set(quantized).isdisjoint(kept)
+    assert errors["context-free"] < 0.5 * errors["all"], errors
+    assert len(int8_convs(onnx.load(str(fp32[0])), "all")[0]) > len(int8_convs(onnx.load(str(fp32[0])), "context-free")[0])
+
+
+def _graph(nodes: list, inputs=("sample", "context")) -> onnx.ModelProto:
+    vi = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs]
+    out = [onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)]
+    return onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", vi, out))
+
+
+def test_context_dependent_nodes_follow_the_graph():
+    mk = onnx.helper.make_node
+    g = _graph([mk("Conv", ["sample", "w0"], ["a"], name="c0"), mk("Conv", ["a", "w1"], ["b"], name="c1"),
+                mk("Mul", ["b", "context"], ["m"], name="mod"), mk("Relu", ["a"], ["r"], name="side"),
+                mk("Conv", ["m", "w2"], ["d"], name="c2"), mk("Add", ["d", "r"], ["e"], name="join"),
+                mk("Conv", ["e", "w3"], ["y"], name="c3")])
+    assert context_dependent_nodes(g.graph) == {"mod", "c2", "join", "c3"}
+    assert int8_convs(g, "context-free") == (["c1"], ["c0", "c2", "c3"])
+    assert int8_convs(g, "all") == (["c1", "c2"], ["c0", "c3"])
+    with pytest.raises(ValueError, match="unknown int8 scope 'half'"):
+        int8_convs(g, "half")
+
+
+def test_int8_scope_with_nothing_to_quantize_is_refused():
+    mk, h = onnx.helper.make_node, onnx.helper
+    w = onnx.numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    graph = h.make_graph([mk("Mul", ["sample", "context"], ["m"], name="mod"), mk("Conv", ["m", "w"], ["y"], name="c")],
+                         "g", [h.make_tensor_value_info("sample", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+                               h.make_tensor_value_info("context", onnx.TensorProto.FLOAT, [1, 3, 1, 1])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 2, 2])], initializer=[w])
+    g = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    assert int8_convs(g, "context-free") == ([], ["c"])
+
+    class Unread(CalibrationReader):
+        def get_next(self):  # the refusal comes before any calibration
+            raise AssertionError("calibration ran")
+
+    with pytest.raises(CalibrationError, match="no convolution to quantize with int8 scope 'context-free'"):
+        quantize_int8(g, Unread(None))
 
 
 def test_calibration_set_is_deterministic_and_spread(tmp_path):
@@ -445,6 +514,7 @@ def test_bad_checkpoints(tmp_path):
     (["--recommended", '{"sampler": "ddim", "steps": 5}'], "must have the keys"),
     (["--calibration-data", "emoji16"], "only used with --precision int8"),
     (["--int8-activations", "s4"], "Invalid value for '--int8-activations'"),
+    (["--int8-scope", "half"], "Invalid value for '--int8-scope'"),
     (["--precision", "int8", "--calibration-data", "no/such/data"], "calibration data: no/such/data"),
 ])
 def test_bad_options(run, tmp_path, args, needle):
@@ -495,3 +565,12 @@ def test_default_output_names(run, tmp_path):
     loose = tmp_path / "mine.safetensors"
     loose.write_bytes(b"")
     assert onnx_export.default_output(loose, "fp32") == Path("models/mine.onnx")
+
+
+def test_int8_scope_refusal_through_the_cli(run, tmp_path, monkeypatch):
+    """A model with no context-free convolution: one line naming --int8-scope all, exit 2, no file."""
+    from mdx.export import quantize
+    monkeypatch.setattr(quantize, "int8_convs", lambda model, scope: ([], [n.name for n in model.graph.node
+                                                                          if n.op_type in quantize.CONV_OPS]))
+    res = CliRunner().invoke(main, [str(run), "-o", str(tmp_path / "m.onnx"), "--precision", "int8"])
+    _assert_bad(res, "try --int8-scope all", tmp_path)
