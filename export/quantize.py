@@ -174,21 +174,19 @@ def context_dependent_nodes(graph: onnx.GraphProto, source: str = "context") -> 
 def int8_convs(model: onnx.ModelProto, scope: str = "context-free") -> tuple[list[str], list[str]]:
     """Which convolutions int8 quantizes: (quantized, kept in float32), each in graph order.
 
-    Convolutions that read the graph input `sample` (the raw x_t) always stay float32. With
-    scope "all", so does the last one (it writes the prediction); every other is quantized. With
-    scope "context-free" (the default) only the convolutions upstream of the class context are
-    quantized: their inputs are the same for the conditional and the unconditional half of a
+    Convolutions that read the graph input `sample` (the raw x_t) and the last one (it writes
+    the prediction) always stay float32; with scope "all" every other is quantized. With scope
+    "context-free" (the default) only the convolutions upstream of the class context are
+    quantized (in a network that ignores `context`, an unconditional one, that is all of them): their inputs are the same for the conditional and the unconditional half of a
     guidance batch, so their rounding errors are the same in both and cancel in eps_c - eps_u,
     the difference classifier-free guidance multiplies by its scale (see quantize_int8).
     """
     if scope not in INT8_SCOPES:
         raise ValueError(f"unknown int8 scope {scope!r}; choose {' or '.join(INT8_SCOPES)}")
     convs = [n for n in model.graph.node if n.op_type in CONV_OPS]
-    raw = {n.name for n in convs if "sample" in n.input}
-    if scope == "all":
-        keep = raw | ({convs[-1].name} if convs else set())
-    else:
-        keep = raw | (context_dependent_nodes(model.graph) & {n.name for n in convs})
+    keep = {n.name for n in convs if "sample" in n.input} | ({convs[-1].name} if convs else set())
+    if scope == "context-free":
+        keep |= context_dependent_nodes(model.graph) & {n.name for n in convs}
     return [n.name for n in convs if n.name not in keep], [n.name for n in convs if n.name in keep]
 
 

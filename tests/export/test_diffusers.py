@@ -331,3 +331,30 @@ def assert_one_line(result: Result, fragment: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("mdx-export: error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", ["conditional", "unconditional"])
+def test_int8_export_of_a_unet2d(case, request, tmp_path):
+    """int8 of a UNet2DModel: the class embedding joins the time embedding, so few convolutions are
+    upstream of it; x_t's and the last convolution stay float32, and the file samples close to fp32."""
+    import onnx
+
+    from mdx.export.quantize import context_dependent_nodes
+
+    _, folder, fp32 = request.getfixturevalue(case)
+    out = tmp_path / "int8.onnx"
+    result = export(folder, out, "--precision", "int8", "--calibration-data", "emoji16")
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    quantized = [n for n in convs if produced_by.get(n.input[1]) == "DequantizeLinear"]
+    tainted = context_dependent_nodes(model.graph)
+    assert quantized and all(n.name not in tainted for n in quantized)
+    assert convs[-1] not in quantized and all(n not in quantized for n in convs if "sample" in n.input)
+    if case == "conditional":
+        assert len(quantized) < len(convs) - 2  # the class context reaches most of the network
+    context = np.eye(K, dtype=np.float32)[[0, 1]] if case == "conditional" else np.zeros((2, 1), np.float32)
+    a = mdx_samples(fp32, "ddim", 5, context, seed=0)
+    b = mdx_samples(out, "ddim", 5, context, seed=0)
+    assert np.sqrt(np.mean((a - b) ** 2)) < 0.1
