@@ -6,14 +6,14 @@ converter with `keep_io_types`), so a runtime feeds both variants the same array
 int8: ONNX Runtime static quantization in the QDQ format of the convolutions that
 `int8_convs` picks (by default only those upstream of the class context, see quantize_int8),
 signed symmetric 7-bit weights per output channel, after `quant_pre_process` (shape inference +
-graph optimisation). Activations
-are unsigned (asymmetric uint8) by default, signed on request: measured with onnxruntime 1.31
+graph optimisation). Activations are unsigned (asymmetric uint8) by default, signed on
+request: measured with onnxruntime 1.31
 on x86 (AVX-512 VNNI), batch 64, one thread, the default model (n_feat=64), ORT fuses all 21
 DQ-Conv-Q groups into QLinearConv with uint8 activations (180 ms against 400 ms for fp32),
 but only 2 of 21 with int8 activations, the rest running as float Conv between Q/DQ pairs
 (540 ms, slower than fp32); the error against torch is the same (relative RMS 0.020 both;
-these figures are of scope "all"). Activation ranges are calibrated on what the model sees while sampling: real training images
-x_0 noised to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/contract.md) at timesteps spread
+these figures are of scope "all"). Activation ranges are calibrated on what the model sees
+while sampling: real training images x_0 noised to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/contract.md) at timesteps spread
 evenly over 0..T-1, with their one-hot classes and some all-zero (unconditional) contexts.
 Everything is seeded, so the same checkpoint and data give the same int8 file.
 """
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
+
+from mdx.runtime.contract import INPUTS  # (sample, timestep, context): docs/contract.md
 
 CALIBRATION_IMAGES = 1024  # the issue asks for at least 256; 1024 measured closer to fp32 (see quantize_int8)
 CALIBRATION_BATCH = 32
@@ -159,7 +161,7 @@ INT8_SCOPES = ("context-free", "all")
 CONV_OPS = ("Conv", "ConvTranspose")
 
 
-def context_dependent_nodes(graph: onnx.GraphProto, source: str = "context") -> set[str]:
+def context_dependent_nodes(graph: onnx.GraphProto, source: str = INPUTS[2]) -> set[str]:
     """Names of the nodes whose output depends, directly or through others, on the graph input `source`.
 
     ONNX graphs are stored in topological order, so one forward pass finds them all."""
@@ -177,14 +179,15 @@ def int8_convs(model: onnx.ModelProto, scope: str = "context-free") -> tuple[lis
     Convolutions that read the graph input `sample` (the raw x_t) and the last one (it writes
     the prediction) always stay float32; with scope "all" every other is quantized. With scope
     "context-free" (the default) only the convolutions upstream of the class context are
-    quantized (in a network that ignores `context`, an unconditional one, that is all of them): their inputs are the same for the conditional and the unconditional half of a
-    guidance batch, so their rounding errors are the same in both and cancel in eps_c - eps_u,
-    the difference classifier-free guidance multiplies by its scale (see quantize_int8).
+    quantized (in an unconditional network, which ignores `context`, that is all of them):
+    their inputs are the same for the conditional and the unconditional half of a guidance
+    batch, so their rounding errors are the same in both and cancel in eps_c - eps_u, the
+    difference classifier-free guidance multiplies by its scale (see quantize_int8).
     """
     if scope not in INT8_SCOPES:
         raise ValueError(f"unknown int8 scope {scope!r}; choose {' or '.join(INT8_SCOPES)}")
     convs = [n for n in model.graph.node if n.op_type in CONV_OPS]
-    keep = {n.name for n in convs if "sample" in n.input} | ({convs[-1].name} if convs else set())
+    keep = {n.name for n in convs if INPUTS[0] in n.input} | ({convs[-1].name} if convs else set())
     if scope == "context-free":
         keep |= context_dependent_nodes(model.graph) & {n.name for n in convs}
     return [n.name for n in convs if n.name not in keep], [n.name for n in convs if n.name in keep]
