@@ -159,15 +159,19 @@ class CalibrationReader(CalibrationDataReader):
 INT8_ACTIVATIONS = ("u8", "s8")
 INT8_SCOPES = ("context-free", "all")
 CONV_OPS = ("Conv", "ConvTranspose")
+SHAPE_OPS = ("Shape", "Size")  # outputs that depend on an input's shape, not its values
 
 
 def context_dependent_nodes(graph: onnx.GraphProto, source: str = INPUTS[2]) -> set[str]:
-    """Names of the nodes whose output depends, directly or through others, on the graph input `source`.
+    """Names of the nodes whose output depends, directly or through others, on the values of the
+    graph input `source`.
 
-    ONNX graphs are stored in topological order, so one forward pass finds them all."""
+    ONNX graphs are stored in topological order, so one forward pass finds them all. Shape and
+    Size read only the shape (an exporter may take the batch size from `context`), so the
+    dependence stops there."""
     tainted, nodes = {source}, set()
     for node in graph.node:
-        if any(name in tainted for name in node.input):
+        if node.op_type not in SHAPE_OPS and any(name in tainted for name in node.input):
             tainted.update(node.output)
             nodes.add(node.name)
     return nodes

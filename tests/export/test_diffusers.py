@@ -333,15 +333,15 @@ def assert_one_line(result: Result, fragment: str) -> None:
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("case", ["conditional", "unconditional"])
-def test_int8_export_of_a_unet2d(case, request, tmp_path):
-    """int8 of a UNet2DModel: the class embedding joins the time embedding, so few convolutions are
-    upstream of it; x_t's and the last convolution stay float32, and the file samples close to fp32."""
+def test_int8_export_of_a_unet2d(conditional, tmp_path):
+    """int8 of a class-conditional UNet2DModel: the class embedding joins the time embedding, so
+    few convolutions are upstream of it; x_t's and the last convolution stay float32, and the
+    file samples close to fp32."""
     import onnx
 
     from mdx.export.quantize import context_dependent_nodes
 
-    _, folder, fp32 = request.getfixturevalue(case)
+    _, folder, fp32 = conditional
     out = tmp_path / "int8.onnx"
     result = export(folder, out, "--precision", "int8", "--calibration-data", "emoji16")
     assert result.exit_code == 0, result.output
@@ -352,9 +352,23 @@ def test_int8_export_of_a_unet2d(case, request, tmp_path):
     tainted = context_dependent_nodes(model.graph)
     assert quantized and all(n.name not in tainted for n in quantized)
     assert convs[-1] not in quantized and all(n not in quantized for n in convs if "sample" in n.input)
-    if case == "conditional":
-        assert len(quantized) < len(convs) - 2  # the class context reaches most of the network
-    context = np.eye(K, dtype=np.float32)[[0, 1]] if case == "conditional" else np.zeros((2, 1), np.float32)
+    assert len(quantized) < len(convs) - 2  # the class context reaches most of the network
+    context = np.eye(K, dtype=np.float32)[[0, 1]]
     a = mdx_samples(fp32, "ddim", 5, context, seed=0)
     b = mdx_samples(out, "ddim", 5, context, seed=0)
     assert np.sqrt(np.mean((a - b) ** 2)) < 0.1
+
+
+def test_int8_scope_of_an_unconditional_unet2d(unconditional):
+    """A network that ignores `context`: everything is context-free, so the context-free scope
+    is every convolution but x_t's and the last, the same as scope "all"."""
+    import onnx
+
+    from mdx.export.quantize import context_dependent_nodes, int8_convs
+
+    model = onnx.load(str(unconditional[2]))
+    convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert not context_dependent_nodes(model.graph) & set(convs)
+    quantized, kept = int8_convs(model, "context-free")
+    assert kept[-1] == convs[-1] and quantized and len(quantized) + len(kept) == len(convs)
+    assert (quantized, kept) == int8_convs(model, "all")
