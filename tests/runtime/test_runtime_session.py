@@ -199,6 +199,20 @@ def test_scalar_timestep_broadcasts(denoiser):
     np.testing.assert_array_equal(denoiser(x, 7, c), denoiser(x, np.full(3, 7, np.float32), c))
 
 
+def test_feeds_buffers_follow_in_place_updates(tiny):
+    """The "feeds" mode (providers other than CPU and CUDA, e.g. OpenVINO) reads the host
+    buffers at every run, so a reused binding sees each new batch and matches the bound mode."""
+    fed = OnnxDenoiser.load(tiny[1], provider=CPU, threads=1)
+    fed._device = "feeds"  # what OnnxDenoiser picks for a provider that is neither CPU nor CUDA
+    bound = OnnxDenoiser.load(tiny[1], provider=CPU, threads=1)
+    for seed in (0, 1, 2):  # one binding per denoiser, refilled in place three times
+        x, t, c = _inputs(4, seed)
+        got = fed(x, t, c)
+        np.testing.assert_allclose(got, bound(x, t, c), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got, h.torch_forward(tiny[0], x, t, c), atol=1e-5, rtol=0)
+    assert fed.binding(4) is fed.binding(4)
+
+
 def test_call_returns_fresh_arrays(denoiser):
     x, t, c = _inputs(2)
     a = denoiser(x, t, c)
