@@ -244,10 +244,16 @@ class Ticket:
                         raise TimeoutError(f"request {self.id} not finished after {timeout} s")
                     self._changed.wait(left)
                 steps = self._done_steps
-            if progress is not None and steps != reported:
-                progress(steps, self.total_steps)
-            reported = steps
+            reported = self._report(progress, reported, steps)
+        self._report(progress, reported, self._done_steps)
         return self.future.result()
+
+    def _report(self, progress: Callable[[int, int], None], reported: int, steps: int) -> int:
+        """Call `progress` once for every step from `reported` + 1 to `steps`, in order: a fast
+        provider can finish several steps before this thread wakes, and each step is reported."""
+        for done in range(reported + 1, steps + 1):
+            progress(done, self.total_steps)
+        return max(reported, steps)
 
     async def wait(self) -> Generation:
         """The result, awaited in an asyncio loop; cancelling the awaiting task cancels the request."""

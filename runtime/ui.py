@@ -103,7 +103,11 @@ def provider_choices() -> list[str]:
     provider that really ran and what it computed in)."""
     from mdx.runtime.providers import OPENVINO, openvino_installed
 
-    return ["auto", *ort.get_available_providers(), *([OPENVINO] if openvino_installed() else [])]
+    # Once the plugin is registered onnxruntime lists it too, with per-device names such as
+    # "OpenVINOExecutionProvider.AUTO" that a session is not opened by: those are left out, and
+    # each name appears once.
+    names = [p for p in ort.get_available_providers() if "." not in p]
+    return list(dict.fromkeys(["auto", *names, *([OPENVINO] if openvino_installed() else [])]))
 
 
 # --- checks on request values ---------------------------------------------------------

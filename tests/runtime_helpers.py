@@ -213,3 +213,11 @@ def shard_arrays(folder):
         with np.load(path) as data:
             found[path.name] = {k: data[k] for k in data.files}
     return found
+
+
+def auto_provider(path) -> str:
+    """The provider `--provider auto` really runs `path` on here: the CPU provider, CUDA, or
+    OpenVINO on an Intel CPU with AVX-512 where its plugin is installed (providers.py's rule)."""
+    from mdx.runtime.session import OnnxDenoiser
+
+    return OnnxDenoiser.load(path, provider="auto", threads=1).provider

@@ -362,3 +362,16 @@ def test_an_engine_thread_that_fails_leaves_no_request_waiting(monkeypatch):
             t.result(1)
     with pytest.raises(EngineClosed):
         engine.submit(fake_request())
+
+
+def test_progress_reports_every_step_even_when_steps_finish_between_wake_ups():
+    """A fast provider can finish several steps before the waiting thread wakes: each step is
+    still reported once, in order, and nothing is reported twice."""
+    from mdx.runtime.engine import Ticket
+
+    ticket = Ticket(1, n=1, rows=1, total_steps=5, deadline=time.monotonic() + 60)
+    calls = []
+    reported = ticket._report(lambda d, t: calls.append((d, t)), 0, 3)  # woke up after step 3
+    reported = ticket._report(lambda d, t: calls.append((d, t)), reported, 3)  # nothing new
+    reported = ticket._report(lambda d, t: calls.append((d, t)), reported, 5)
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)] and reported == 5
