@@ -326,15 +326,13 @@ class Binding:
         """One model call on the current buffers; returns the float32 output buffer."""
         if self._device == "feeds":
             np.copyto(self._host_out, self._session.run([OUTPUT], self._host, self._run_options)[0])
-            if self._float_out is not self._host_out:
-                np.copyto(self._float_out, self._host_out)
-            return self._float_out
-        if self._device != "cpu":
-            for name, value in self._values.items():
-                value.update_inplace(self._host[name])  # host -> device, same address
-        self._session.run_with_iobinding(self._io, self._run_options)
-        if self._device != "cpu":
-            np.copyto(self._host_out, self._io.copy_outputs_to_cpu()[0])  # device -> host
+        else:
+            if self._device == "cuda":
+                for name, value in self._values.items():
+                    value.update_inplace(self._host[name])  # host -> device, same address
+            self._session.run_with_iobinding(self._io, self._run_options)
+            if self._device == "cuda":
+                np.copyto(self._host_out, self._io.copy_outputs_to_cpu()[0])  # device -> host
         if self._float_out is not self._host_out:
             np.copyto(self._float_out, self._host_out)
         return self._float_out
@@ -358,8 +356,8 @@ class OnnxDenoiser:
         self.compute_precision = compute_precision or info.precision
         self.cuda_graph = bool(cuda_graph) and self.provider == CUDA
         # How Binding hands buffers over (see Binding): in place for the CPU provider, device
-        # buffers for CUDA, plain feeds for any other provider (OpenVINO ignores in-place updates
-        # of bound host buffers).
+        # buffers for CUDA, plain feeds for any other provider (OpenVINO's outputs are wrong
+        # through IO binding over host buffers).
         self._device = {CUDA: "cuda", CPU: "cpu"}.get(self.provider, "feeds")
         self._bindings: dict[int, Binding] = {}
         self._next_graph_id = 1
